@@ -1,0 +1,37 @@
+# Two commands for a fresh machine: `make demo` and `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.tapeout-installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-slow test-rtl bench clean-cache venv
+
+venv: $(STAMP)
+
+# torch==2.13.0 first: a CPU build of exactly that version is on disk; any other resolution
+# would download GBs of CUDA packages.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test,models]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	mkdir -p .cache
+	$(PY) models/tiny.py --family llama --exporter dynamo --opset 20 --variant prefill > .cache/demo-model.txt
+	$(VENV)/bin/tapeout inspect $$(cat .cache/demo-model.txt)
+	$(VENV)/bin/tapeout compile $$(cat .cache/demo-model.txt) -o out/demo
+	@echo "results: out/demo/ (graph.txt, graph.json, manifest.json)"
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/import_speed.py
+
+clean-cache:
+	rm -rf .cache

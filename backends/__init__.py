@@ -1,0 +1,1 @@
+"""Backends: systolic, dataflow, maskrom."""

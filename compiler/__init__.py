@@ -1,0 +1,1 @@
+"""Front end and middle end: ONNX import, Graph IR, passes, float interpreter."""

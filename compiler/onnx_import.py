@@ -1,0 +1,231 @@
+"""ONNX -> Graph IR.
+
+``load(path)`` parses with ``onnx`` (checker, shape inference, local functions inlined),
+memory-maps external data after checking that its location stays inside the model's folder,
+and turns every node into an :class:`~tapeout.compiler.ir.Op`. ``from_proto`` does the same
+for an in-memory ``ModelProto``. Problems with the input become :class:`TapeoutError`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import helper, numpy_helper
+
+from .errors import TapeoutError
+from .ir import Graph, Op, TensorInfo
+
+# ONNX domains whose ops we interpret; anything else is reported as unsupported.
+KNOWN_DOMAINS = {"", "ai.onnx"}
+
+
+def load(path: str | os.PathLike, *, check_finite: bool = True) -> Graph:
+    """Read an ONNX file into a Graph. External data is memory-mapped, never copied."""
+    path = Path(path)
+    file = str(path)
+    if not path.exists():
+        raise TapeoutError("no such file; pass the path of an .onnx model", file=file)
+    if path.is_dir():
+        raise TapeoutError("is a folder, not an .onnx file", file=file)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise TapeoutError(f"cannot read: {e.strerror}", file=file) from None
+    model = parse_bytes(data, file)
+    graph = from_proto(model, file=file, base_dir=str(path.parent))
+    if check_finite:
+        check_weights_finite(graph)
+    return graph
+
+
+def parse_bytes(data: bytes, file: str) -> onnx.ModelProto:
+    if not data:
+        raise TapeoutError("file is empty, not an ONNX model", file=file)
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as e:
+        raise TapeoutError(f"not a valid ONNX protobuf (truncated or corrupt?): {e}", file=file) from None
+    if model.ir_version <= 0 or not model.HasField("graph") or not model.graph.node:
+        raise TapeoutError("not an ONNX model (no ir_version or empty graph); "
+                           "export one with torch.onnx.export", file=file)
+    return model
+
+
+def from_proto(model: onnx.ModelProto, *, file: str = "<memory>", base_dir: str | None = None) -> Graph:
+    """Convert a ModelProto to a Graph (external data resolved against ``base_dir``)."""
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TapeoutError(f"fails onnx.checker: {line}", file=file) from None
+    if model.functions:
+        model = onnx.inliner.inline_local_functions(model)
+    try:
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 - inference is a help, not a requirement
+        pass
+    g = model.graph
+    graph = Graph(g.name or Path(file).stem)
+    graph.meta.update(file=file, opsets={o.domain or "": o.version for o in model.opset_import},
+                      producer=f"{model.producer_name} {model.producer_version}".strip())
+
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        graph.tensors[vi.name] = _tensor_info(vi)
+    for init in g.initializer:
+        graph.add_constant(init.name, _initializer(init, file, base_dir))
+    inits = {i.name for i in g.initializer}
+    graph.inputs = [vi.name for vi in g.input if vi.name not in inits]
+    graph.outputs = [vi.name for vi in g.output]
+
+    used: set[str] = set()
+    for i, node in enumerate(g.node):
+        name = node.name or f"{node.op_type}_{i}"
+        while name in used:
+            name = f"{name}_{i}"
+        used.add(name)
+        if node.op_type == "Constant" and node.domain in KNOWN_DOMAINS and len(node.output) == 1:
+            value = _constant_value(node, file, name)
+            graph.add_constant(node.output[0], value)
+            continue
+        attrs = {a.name: _attr_value(a, file) for a in node.attribute}
+        graph.add_op(Op(node.op_type, name, tuple(node.input), tuple(node.output), attrs,
+                        domain=node.domain or ""))
+    for t in list(graph.producer) + graph.inputs:
+        graph.tensors.setdefault(t, TensorInfo(None, np.dtype("float32")))
+    return graph
+
+
+def unsupported_ops(graph: Graph) -> list[tuple[str, str, str]]:
+    """Every op the float interpreter cannot run: (node name, op kind, why)."""
+    from .interp import KERNELS, _load_kernels
+    if not KERNELS:
+        _load_kernels()
+    problems = []
+    for op in graph.ops:
+        if op.domain not in KNOWN_DOMAINS:
+            problems.append((op.name, f"{op.domain}.{op.kind}", f"custom domain {op.domain!r} is not supported"))
+        elif op.kind not in KERNELS:
+            problems.append((op.name, op.kind, "no tapeout implementation of this ONNX op"))
+        elif any(isinstance(v, Graph) or isinstance(v, onnx.GraphProto) for v in op.attrs.values()):
+            problems.append((op.name, op.kind, "control flow with subgraphs is not supported"))
+    return problems
+
+
+# --- helpers ----------------------------------------------------------------------------------
+def _tensor_info(vi: onnx.ValueInfoProto) -> TensorInfo:
+    tt = vi.type.tensor_type
+    try:
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type)) if tt.elem_type else np.dtype("float32")
+    except (KeyError, TypeError, ValueError):
+        dtype = np.dtype("float32")
+    if not tt.HasField("shape"):
+        return TensorInfo(None, dtype)
+    dims = []
+    for d in tt.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        else:
+            dims.append(d.dim_param or "?")
+    return TensorInfo(tuple(dims), dtype)
+
+
+def _initializer(init: onnx.TensorProto, file: str, base_dir: str | None) -> np.ndarray:
+    if init.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(init)
+    info = {e.key: e.value for e in init.external_data}
+    location = info.get("location", "")
+    if base_dir is None:
+        raise TapeoutError(f"initializer {init.name!r} uses external data {location!r} but the model "
+                           "was given in memory; load it from its file", file=file)
+    root = Path(base_dir).resolve()
+    target = (root / location).resolve()
+    if not location or Path(location).is_absolute() or root not in target.parents:
+        raise TapeoutError(f"initializer {init.name!r}: external data location {location!r} points "
+                           "outside the model's folder; refusing to read it", file=file)
+    if not target.is_file():
+        raise TapeoutError(f"initializer {init.name!r}: external data file {location!r} is missing; "
+                           "keep the .onnx.data file beside the .onnx", file=file)
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type))
+    shape = tuple(int(d) for d in init.dims)
+    offset = int(info.get("offset", 0))
+    count = int(np.prod(shape, dtype=np.int64))
+    length = int(info.get("length", count * dtype.itemsize))
+    size = target.stat().st_size
+    if length != count * dtype.itemsize or offset + length > size:
+        raise TapeoutError(f"initializer {init.name!r}: external data {location!r} is truncated or "
+                           f"inconsistent (needs bytes {offset}..{offset + count * dtype.itemsize}, "
+                           f"file has {size})", file=file)
+    if count == 0:
+        return np.zeros(shape, dtype)
+    return np.memmap(target, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
+WEIGHT_INPUTS = {"MatMul": (1,), "Gemm": (1, 2), "Gather": (0,), "LayerNormalization": (1, 2),
+                 "RMSNormalization": (1,), "Conv": (1, 2), "Add": (0, 1), "Mul": (0, 1)}
+
+
+def check_weights_finite(graph: Graph) -> None:
+    """Every large float constant an op computes with must be finite (masks may hold -inf, so
+    scalars and the mask operand of Add/Where are exempt by the op table above)."""
+    file = graph.meta.get("file")
+    seen: set[str] = set()
+    for op in graph.ops:
+        for i in WEIGHT_INPUTS.get(op.kind, ()):
+            t = op.inputs[i] if i < len(op.inputs) else ""
+            if not t or t in seen or not graph.is_constant(t):
+                continue
+            seen.add(t)
+            value = graph.constants[t]
+            if op.kind in ("Add", "Mul") and (value.ndim < 1 or value.ndim > 1 and value.shape[-2] != 1):
+                continue  # scalars and [.., S, T] score masks
+            _check_finite(value, t, file, node=op.name, op=op.kind)
+
+
+def _check_finite(value: np.ndarray, name: str, file: str, node: str | None = None,
+                  op: str | None = None) -> None:
+    if value.dtype.kind != "f" or value.size == 0:
+        return
+    flat = value.reshape(-1)
+    step = 1 << 22  # chunks keep the check from materialising a boolean copy of big weights
+    for start in range(0, flat.size, step):
+        chunk = np.asarray(flat[start:start + step])
+        if not np.isfinite(chunk).all():
+            bad = start + int(np.flatnonzero(~np.isfinite(chunk))[0])
+            raise TapeoutError(f"weight {name!r} has a non-finite value ({flat[bad]}) at flat index "
+                               f"{bad}; fix or re-export the model", file=file, node=node, op=op)
+
+
+def _constant_value(node: onnx.NodeProto, file: str, name: str) -> np.ndarray:
+    a = node.attribute[0] if node.attribute else None
+    if a is None:
+        raise TapeoutError("Constant node without a value", file=file, node=name, op="Constant")
+    if a.name == "value":
+        if a.t.data_location == onnx.TensorProto.EXTERNAL:
+            raise TapeoutError("Constant with external data is not supported", file=file, node=name, op="Constant")
+        return numpy_helper.to_array(a.t)
+    v = helper.get_attribute_value(a)
+    kinds = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64,
+             "value_ints": np.int64}
+    if a.name in kinds:
+        return np.asarray(v, dtype=kinds[a.name])
+    raise TapeoutError(f"Constant attribute {a.name!r} is not supported", file=file, node=name, op="Constant")
+
+
+def _attr_value(a: onnx.AttributeProto, file: str):
+    if a.type == onnx.AttributeProto.TENSOR:
+        return numpy_helper.to_array(a.t)
+    if a.type == onnx.AttributeProto.TENSORS:
+        return tuple(numpy_helper.to_array(t) for t in a.tensors)
+    if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+        return helper.get_attribute_value(a)  # kept as proto; reported unsupported
+    v = helper.get_attribute_value(a)
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    if isinstance(v, list):
+        return tuple(x.decode("utf-8", "replace") if isinstance(x, bytes) else x for x in v)
+    return v

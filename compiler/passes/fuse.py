@@ -1,0 +1,677 @@
+"""Fusion to transformer-level ops: linear, rmsnorm, layernorm, gelu, silu, rope, attention,
+gated_mlp (semantics in ``kernels_fused``).
+
+Each pass replaces a *root* op by a fused op producing the same output tensor and leaves the
+ops it absorbed to ``dead-code`` (an absorbed op still read elsewhere stays, so a fusion never
+changes what other consumers see). Two checks keep patterns honest without enumerating every
+exporter's spelling:
+
+* activations are recognised by *probing*: the single-input elementwise region ending at a
+  root is evaluated on sample values and compared with gelu/silu;
+* attention "head plumbing" (repeat-kv, transposes, reshapes between the k/v tensors and the
+  score MatMul) is checked by *index tracing*: element ids are pushed through the plumbing and
+  must come out as ``repeat(k)^T`` exactly.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from ..interp import run_op
+from ..ir import Graph, Op, TensorInfo
+from ..kernels_fused import gelu_fn, silu_fn
+from . import register
+
+ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Neg", "Sqrt", "Reciprocal", "Exp", "Log",
+               "Tanh", "Sigmoid", "Erf", "Abs", "Cast", "silu"}
+PLUMBING = {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Flatten"}
+
+
+# --- small matching helpers -------------------------------------------------------------------
+def const(graph: Graph, t: str) -> np.ndarray | None:
+    return graph.constants.get(t) if t else None
+
+
+def scalar(graph: Graph, t: str) -> float | None:
+    c = const(graph, t)
+    return float(c.reshape(-1)[0]) if c is not None and c.size == 1 else None
+
+
+def prod(graph: Graph, t: str, *kinds: str) -> Op | None:
+    op = graph.producer_op(t) if t else None
+    return op if op is not None and (not kinds or op.kind in kinds) else None
+
+
+def split_const(graph: Graph, op: Op) -> tuple[str, np.ndarray] | None:
+    """For a binary op with one constant operand: (the other input, the constant)."""
+    a, b = op.inputs[0], op.inputs[1]
+    if graph.is_constant(b) and not graph.is_constant(a):
+        return a, graph.constants[b]
+    if graph.is_constant(a) and not graph.is_constant(b):
+        return b, graph.constants[a]
+    return None
+
+
+def replace_root(graph: Graph, root: Op, kind: str, inputs: list[str], attrs: dict | None = None,
+                 outputs: tuple[str, ...] | None = None) -> Op:
+    graph.remove_op(root.name)
+    op = Op(kind, graph.fresh_name(f"{kind}_{root.name}"), tuple(inputs), outputs or root.outputs, attrs or {})
+    return graph.add_op(op)
+
+
+def _last_axis(graph: Graph, op: Op) -> bool:
+    """ReduceMean over exactly the last axis (axes as attribute or constant input)."""
+    axes = op.attr("axes")
+    if axes is None and len(op.inputs) > 1:
+        c = const(graph, op.inputs[1])
+        axes = None if c is None else tuple(int(a) for a in c.reshape(-1))
+    rank = len(graph.tensors[op.inputs[0]].shape or ())
+    return axes is not None and len(axes) == 1 and axes[0] in (-1, rank - 1) and op.attr("keepdims", 1) == 1
+
+
+# --- linear -------------------------------------------------------------------------------------
+@register
+@dataclass(frozen=True)
+class FuseLinear:
+    """MatMul with a constant 2-D weight (+ a constant bias Add), and Gemm -> ``linear``."""
+
+    name: ClassVar[str] = "fuse-linear"
+
+    def __call__(self, graph: Graph) -> bool:
+        changed = False
+        for op in list(graph.ops):
+            if op.kind == "MatMul" and (w := const(graph, op.inputs[1])) is not None and w.ndim == 2 \
+                    and not graph.is_constant(op.inputs[0]):
+                new = replace_root(graph, op, "linear", [op.inputs[0], op.inputs[1]], {"trans_w": False})
+                changed = True
+            elif op.kind == "Gemm" and op.attr("transA", 0) == 0 and op.attr("alpha", 1.0) == 1.0 \
+                    and op.attr("beta", 1.0) == 1.0 and graph.is_constant(op.inputs[1]):
+                bias = op.inputs[2] if len(op.inputs) > 2 else ""
+                if bias and const(graph, bias).ndim > 1 and const(graph, bias).shape[0] != 1:
+                    continue
+                inputs = [op.inputs[0], op.inputs[1]] + ([bias] if bias else [])
+                new = replace_root(graph, op, "linear", inputs, {"trans_w": bool(op.attr("transB", 0))})
+                changed = True
+            else:
+                continue
+            self._absorb_bias(graph, new)
+        return changed
+
+    @staticmethod
+    def _absorb_bias(graph: Graph, lin: Op) -> None:
+        if len(lin.inputs) > 2:
+            return
+        users = graph.consumer_ops(lin.outputs[0])
+        if len(users) != 1 or users[0].kind != "Add" or lin.outputs[0] in graph.outputs:
+            return
+        add = users[0]
+        sc = split_const(graph, add)
+        out_dim = graph.tensors[lin.inputs[1]].shape[0 if lin.attr("trans_w") else 1]
+        if sc is None or sc[1].shape[-1:] != (out_dim,) or sc[1].size != out_dim:
+            return
+        bias_name = add.inputs[1] if graph.is_constant(add.inputs[1]) else add.inputs[0]
+        if sc[1].ndim != 1:
+            bias_name = graph.add_constant(graph.fresh_name(f"{bias_name}_1d"), sc[1].reshape(-1))
+        graph.remove_op(lin.name)
+        graph.remove_op(add.name)
+        graph.add_op(lin.replace(inputs=lin.inputs + (bias_name,), outputs=add.outputs))
+
+
+# --- norms --------------------------------------------------------------------------------------
+def _rms_core(graph: Graph, t: str) -> tuple[str, float] | None:
+    """t == x * rsqrt(mean(x^2) + eps) (or x / sqrt(...)): returns (x, eps)."""
+    op = prod(graph, t, "Mul", "Div")
+    if op is None:
+        return None
+    for x, r in ((op.inputs[0], op.inputs[1]), (op.inputs[1], op.inputs[0])):
+        if op.kind == "Div" and x != op.inputs[0]:
+            continue
+        if op.kind == "Mul":
+            rec = prod(graph, r, "Reciprocal", "Div")
+            if rec is not None and rec.kind == "Div" and scalar(graph, rec.inputs[0]) != 1.0:
+                rec = None
+            sq = prod(graph, rec.inputs[-1], "Sqrt") if rec else None
+        else:
+            sq = prod(graph, r, "Sqrt")
+        add = prod(graph, sq.inputs[0], "Add") if sq else None
+        sc = split_const(graph, add) if add else None
+        mean = prod(graph, sc[0], "ReduceMean") if sc and sc[1].size == 1 else None
+        if mean is None or not _last_axis(graph, mean):
+            continue
+        sq_op = prod(graph, mean.inputs[0], "Pow", "Mul")
+        if sq_op is None:
+            continue
+        if sq_op.kind == "Pow" and sq_op.inputs[0] == x and scalar(graph, sq_op.inputs[1]) == 2.0 or \
+                sq_op.kind == "Mul" and sq_op.inputs[0] == sq_op.inputs[1] == x:
+            return x, float(sc[1].reshape(-1)[0])
+    return None
+
+
+def _ln_core(graph: Graph, t: str) -> tuple[str, float] | None:
+    """t == (x - mean(x)) / sqrt(var(x) + eps) over the last axis: returns (x, eps)."""
+    div = prod(graph, t, "Div")
+    if div is None:
+        return None
+    sub = prod(graph, div.inputs[0], "Sub")
+    sq = prod(graph, div.inputs[1], "Sqrt")
+    add = prod(graph, sq.inputs[0], "Add") if sq else None
+    sc = split_const(graph, add) if add else None
+    var = prod(graph, sc[0], "ReduceMean") if sc else None
+    if sub is None or var is None or not _last_axis(graph, var):
+        return None
+    mean = prod(graph, sub.inputs[1], "ReduceMean")
+    p = prod(graph, var.inputs[0], "Pow")
+    if mean is None or mean.inputs[0] != sub.inputs[0] or not _last_axis(graph, mean) or p is None \
+            or p.inputs[0] != sub.outputs[0] or scalar(graph, p.inputs[1]) != 2.0:
+        return None
+    return sub.inputs[0], float(sc[1].reshape(-1)[0])
+
+
+def _ones(graph: Graph, x: str) -> str:
+    d = graph.tensors[x].shape[-1]
+    return graph.add_constant(graph.fresh_name("norm_ones"), np.ones((d,), graph.tensors[x].dtype))
+
+
+@register
+@dataclass(frozen=True)
+class FuseRMSNorm:
+    """The Pow -> ReduceMean -> Add -> Sqrt -> Reciprocal -> Mul chain (times gamma) and
+    ``RMSNormalization`` -> ``rmsnorm``."""
+
+    name: ClassVar[str] = "fuse-rmsnorm"
+
+    def __call__(self, graph: Graph) -> bool:
+        changed = False
+        for op in list(graph.ops):
+            if op.name not in graph.nx:
+                continue
+            if op.kind == "RMSNormalization" and op.attr("axis", -1) in (-1, len(graph.tensors[op.inputs[0]].shape) - 1):
+                replace_root(graph, op, "rmsnorm", [op.inputs[0], op.inputs[1]], {"eps": float(op.attr("epsilon", 1e-5))})
+                changed = True
+            elif op.kind == "Mul" and (sc := split_const(graph, op)) is not None and sc[1].ndim == 1 \
+                    and (core := _rms_core(graph, sc[0])) is not None:
+                g = op.inputs[0] if graph.is_constant(op.inputs[0]) else op.inputs[1]
+                replace_root(graph, op, "rmsnorm", [core[0], g], {"eps": core[1]})
+                changed = True
+            elif op.kind in ("Mul", "Div") and (core := _rms_core(graph, op.outputs[0])) is not None:
+                # no gamma: rmsnorm with ones
+                users = graph.consumer_ops(op.outputs[0])
+                if len(users) == 1 and users[0].kind == "Mul" and split_const(graph, users[0]):
+                    continue  # the gamma Mul is the root; handled when we reach it
+                replace_root(graph, op, "rmsnorm", [core[0], _ones(graph, core[0])], {"eps": core[1]})
+                changed = True
+        return changed
+
+
+@register
+@dataclass(frozen=True)
+class FuseLayerNorm:
+    """``LayerNormalization`` over the last axis and its decomposed form -> ``layernorm``."""
+
+    name: ClassVar[str] = "fuse-layernorm"
+
+    def __call__(self, graph: Graph) -> bool:
+        changed = False
+        for op in list(graph.ops):
+            if op.name not in graph.nx:
+                continue
+            if op.kind == "LayerNormalization" and len([o for o in op.outputs if o]) == 1 and \
+                    op.attr("axis", -1) in (-1, len(graph.tensors[op.inputs[0]].shape) - 1):
+                replace_root(graph, op, "layernorm", list(op.inputs), {"eps": float(op.attr("epsilon", 1e-5))},
+                             outputs=op.outputs[:1])
+                changed = True
+            elif op.kind == "Add" and (sc := split_const(graph, op)) is not None and sc[1].ndim == 1:
+                mul = prod(graph, sc[0], "Mul")
+                msc = split_const(graph, mul) if mul else None
+                core = _ln_core(graph, msc[0]) if msc and msc[1].ndim == 1 else None
+                if core is None:
+                    continue
+                g = mul.inputs[0] if graph.is_constant(mul.inputs[0]) else mul.inputs[1]
+                b = op.inputs[0] if graph.is_constant(op.inputs[0]) else op.inputs[1]
+                replace_root(graph, op, "layernorm", [core[0], g, b], {"eps": core[1]})
+                changed = True
+        return changed
+
+
+# --- activations by probing ---------------------------------------------------------------------
+PROBE = np.concatenate([np.linspace(-8, 8, 161), [-30.0, -12.5, 0.0, 1e-3, 12.5, 30.0]]).astype(np.float32)
+
+
+def _region(graph: Graph, root: Op, depth: int = 10) -> tuple[str, list[Op]] | None:
+    """The largest single-source elementwise region ending at ``root``: (source, ops in order)."""
+    seen: dict[str, Op] = {}
+    frontier = [(root, 0)]
+    while frontier:
+        op, d = frontier.pop()
+        if op.name in seen or op.kind not in ELEMENTWISE or d > depth:
+            continue
+        seen[op.name] = op
+        for t in op.inputs:
+            p = prod(graph, t)
+            if t and p is not None and not graph.is_constant(t):
+                frontier.append((p, d + 1))
+    best = None
+    for cand in seen.values():
+        for x in cand.inputs:
+            if not x or graph.is_constant(x):
+                continue
+            region, produced = [], {x}
+            for op in graph.ops:  # topological
+                if op.name in seen and any(t in produced for t in op.inputs):
+                    region.append(op)
+                    produced.update(op.outputs)
+            names = {o.name for o in region}
+            if root.name not in names:
+                continue
+            ok = all((t in produced) or scalar(graph, t) is not None for o in region for t in o.inputs if t)
+            ok = ok and all(not graph.consumers.get(t) or all(c in names for c in graph.consumers[t])
+                            for o in region if o is not root for t in o.outputs)
+            ok = ok and not any(t in graph.outputs for o in region if o is not root for t in o.outputs)
+            if ok and (best is None or len(region) > len(best[1])):
+                best = (x, region)
+    return best
+
+
+def _probe(graph: Graph, x: str, region: list[Op]) -> np.ndarray:
+    env = {x: PROBE.astype(graph.tensors[x].dtype)}
+    for op in region:
+        args = [env[t] if t in env else graph.constants[t].reshape(()) for t in op.inputs]
+        for name, v in zip(op.outputs, run_op(op, args)):
+            env[name] = v
+    return env[region[-1].outputs[0]]
+
+
+ACT_CANDIDATES = {
+    "gelu": lambda v: gelu_fn(v.astype(np.float64)),
+    "gelu_tanh": lambda v: gelu_fn(v.astype(np.float64), "tanh"),
+    "silu": lambda v: silu_fn(v.astype(np.float64)),
+}
+
+
+def identify_activation(graph: Graph, root: Op) -> tuple[str, str, list[Op]] | None:
+    found = _region(graph, root)
+    if found is None or len(found[1]) < 2:
+        return None
+    x, region = found
+    with np.errstate(all="ignore"):
+        y = _probe(graph, x, region).astype(np.float64)
+    for name, fn in ACT_CANDIDATES.items():
+        ref = fn(PROBE)
+        if np.all(np.abs(y - ref) <= 2e-6 * (1 + np.abs(ref))):
+            return name, x, region
+    return None
+
+
+@dataclass(frozen=True)
+class _FuseActivation:
+    kinds: ClassVar[tuple[str, ...]] = ()
+
+    def __call__(self, graph: Graph) -> bool:
+        changed = False
+        for op in list(graph.ops):
+            if op.name not in graph.nx:
+                continue
+            if op.kind == "Gelu" and "gelu" in self.kinds:
+                approx = op.attr("approximate", "none")
+                replace_root(graph, op, "gelu", [op.inputs[0]], {"approximate": approx})
+                changed = True
+                continue
+            if op.kind not in ("Mul", "Div"):
+                continue
+            found = identify_activation(graph, op)
+            if found is None or found[0].split("_")[0] not in self.kinds:
+                continue
+            name, x, _ = found
+            kind, attrs = ("gelu", {"approximate": "tanh" if name == "gelu_tanh" else "none"}) \
+                if name.startswith("gelu") else ("silu", {})
+            replace_root(graph, op, kind, [x], attrs)
+            changed = True
+        return changed
+
+
+@register
+@dataclass(frozen=True)
+class FuseGelu(_FuseActivation):
+    """``Gelu`` and any elementwise chain computing erf- or tanh-GELU -> ``gelu``."""
+
+    name: ClassVar[str] = "fuse-gelu"
+    kinds: ClassVar[tuple[str, ...]] = ("gelu",)
+
+
+@register
+@dataclass(frozen=True)
+class FuseSilu(_FuseActivation):
+    """``x * sigmoid(x)`` (any spelling) -> ``silu``."""
+
+    name: ClassVar[str] = "fuse-silu"
+    kinds: ClassVar[tuple[str, ...]] = ("silu",)
+
+    def __call__(self, graph: Graph) -> bool:
+        changed = False
+        for op in list(graph.ops):
+            if op.kind == "Mul" and op.name in graph.nx:
+                a, b = op.inputs[0], op.inputs[1]
+                for x, s in ((a, b), (b, a)):
+                    sig = prod(graph, s, "Sigmoid")
+                    if sig is not None and sig.inputs[0] == x and len(graph.consumers[s]) == 1:
+                        replace_root(graph, op, "silu", [x])
+                        changed = True
+                        break
+        return super().__call__(graph) or changed
+
+
+@register
+@dataclass(frozen=True)
+class FuseGatedMLP:
+    """``act(gate) * up`` where gate and up are linears of one input -> ``gated_mlp``."""
+
+    name: ClassVar[str] = "fuse-mlp"
+
+    def __call__(self, graph: Graph) -> bool:
+        changed = False
+        acts = {"silu": "silu", "gelu": "gelu"}
+        for op in list(graph.ops):
+            if op.kind != "Mul" or op.name not in graph.nx:
+                continue
+            for g, u in ((op.inputs[0], op.inputs[1]), (op.inputs[1], op.inputs[0])):
+                act = prod(graph, g, *acts)
+                gate = prod(graph, act.inputs[0], "linear") if act else None
+                up = prod(graph, u, "linear")
+                if gate is None or up is None or gate.inputs[0] != up.inputs[0]:
+                    continue
+                name = acts[act.kind]
+                if act.kind == "gelu" and act.attr("approximate", "none") == "tanh":
+                    name = "gelu_tanh"
+                replace_root(graph, op, "gated_mlp", [act.inputs[0], u], {"activation": name})
+                changed = True
+                break
+        return changed
+
+
+# --- rope ---------------------------------------------------------------------------------------
+def _rotate_half_source(graph: Graph, t: str) -> str | None:
+    """t == concat(-x[..., h:], x[..., :h]) along the last axis: returns x."""
+    cat = prod(graph, t, "Concat")
+    if cat is None or len(cat.inputs) != 2:
+        return None
+    neg = prod(graph, cat.inputs[0], "Neg")
+    hi = prod(graph, neg.inputs[0], "Slice") if neg else None
+    lo = prod(graph, cat.inputs[1], "Slice")
+    if hi is None or lo is None or hi.inputs[0] != lo.inputs[0]:
+        return None
+    x = hi.inputs[0]
+    shape = graph.tensors[x].shape
+    rank, d = len(shape), shape[-1]
+    if cat.attr("axis") not in (-1, rank - 1):
+        return None
+
+    def bounds(s: Op) -> tuple[int, int] | None:
+        starts, ends = const(graph, s.inputs[1]), const(graph, s.inputs[2])
+        axes = const(graph, s.inputs[3]) if len(s.inputs) > 3 and s.inputs[3] else np.array([rank - 1])
+        steps = const(graph, s.inputs[4]) if len(s.inputs) > 4 and s.inputs[4] else np.array([1])
+        if starts is None or ends is None or axes is None or steps is None or starts.size != 1 \
+                or int(axes.reshape(-1)[0]) % rank != rank - 1 or int(steps.reshape(-1)[0]) != 1:
+            return None
+        lo_, hi_ = int(starts.reshape(-1)[0]), int(ends.reshape(-1)[0])
+        return (lo_ + d if lo_ < 0 else lo_), min(hi_ + d if hi_ < 0 else hi_, d)
+
+    h = d // 2
+    if d % 2 or bounds(hi) != (h, d) or bounds(lo) != (0, h):
+        return None
+    return x
+
+
+@register
+@dataclass(frozen=True)
+class FuseRope:
+    """``x*cos + rotate_half(x)*sin`` with constant cos/sin, and ``RotaryEmbedding`` -> ``rope``."""
+
+    name: ClassVar[str] = "fuse-rope"
+
+    def __call__(self, graph: Graph) -> bool:
+        changed = False
+        for op in list(graph.ops):
+            if op.name not in graph.nx:
+                continue
+            if op.kind == "Add":
+                found = self._match(graph, op)
+                if found:
+                    x, cos, sin = found
+                    replace_root(graph, op, "rope", [x, cos, sin],
+                                 {"rotary_dim": int(graph.tensors[x].shape[-1]), "interleaved": False})
+                    changed = True
+            elif op.kind == "RotaryEmbedding":
+                changed |= self._from_onnx(graph, op)
+        return changed
+
+    @staticmethod
+    def _match(graph: Graph, add: Op) -> tuple[str, str, str] | None:
+        m1, m2 = prod(graph, add.inputs[0], "Mul"), prod(graph, add.inputs[1], "Mul")
+        if m1 is None or m2 is None:
+            return None
+        for mc, ms in ((m1, m2), (m2, m1)):
+            sc_c, sc_s = split_const(graph, mc), split_const(graph, ms)
+            if sc_c is None or sc_s is None:
+                continue
+            x = sc_c[0]
+            if _rotate_half_source(graph, sc_s[0]) != x or graph.tensors[x].shape is None \
+                    or len(graph.tensors[x].shape) != 4:
+                continue
+            cos = mc.inputs[1] if graph.is_constant(mc.inputs[1]) else mc.inputs[0]
+            sin = ms.inputs[1] if graph.is_constant(ms.inputs[1]) else ms.inputs[0]
+            if graph.constants[cos].shape[-1] == graph.tensors[x].shape[-1] and graph.constants[cos].ndim == 4:
+                return x, cos, sin
+        return None
+
+    @staticmethod
+    def _from_onnx(graph: Graph, op: Op) -> bool:
+        x, cos_cache, sin_cache = op.inputs[:3]
+        pos = op.inputs[3] if len(op.inputs) > 3 else ""
+        shape = graph.tensors[x].shape
+        if len(shape) != 4 or not (graph.is_constant(cos_cache) and graph.is_constant(sin_cache)):
+            return False
+        cos, sin = graph.constants[cos_cache], graph.constants[sin_cache]
+        if pos:
+            if not graph.is_constant(pos):
+                return False
+            p = graph.constants[pos]
+            cos, sin = cos[p], sin[p]           # [B, S, rd/2]
+        rd = op.attr("rotary_embedding_dim", 0) or shape[-1]
+        c = graph.add_constant(graph.fresh_name(f"{op.name}_cos"), np.ascontiguousarray(cos))
+        s = graph.add_constant(graph.fresh_name(f"{op.name}_sin"), np.ascontiguousarray(sin))
+        replace_root(graph, op, "rope", [x, c, s],
+                     {"rotary_dim": int(rd), "interleaved": bool(op.attr("interleaved", 0))})
+        return True
+
+
+# --- attention ----------------------------------------------------------------------------------
+def _strip_scale(graph: Graph, t: str) -> tuple[str, float]:
+    """Walk back through Mul/Div by scalar constants: (source tensor, accumulated factor)."""
+    factor = 1.0
+    while True:
+        op = prod(graph, t, "Mul", "Div")
+        sc = split_const(graph, op) if op else None
+        if sc is None or sc[1].size != 1 or (op.kind == "Div" and op.inputs[1] != t and not graph.is_constant(op.inputs[1])):
+            return t, factor
+        v = float(sc[1].reshape(-1)[0])
+        factor = factor / v if op.kind == "Div" else factor * v
+        t = sc[0]
+
+
+def _plumbing_chain(graph: Graph, t: str, limit: int = 10) -> list[Op]:
+    chain = []
+    while len(chain) < limit:
+        op = prod(graph, t, *PLUMBING)
+        if op is None or any(i and not graph.is_constant(i) for i in op.inputs[1:]):
+            break
+        chain.append(op)
+        t = op.inputs[0]
+    return chain  # nearest first
+
+
+def _trace_ids(graph: Graph, chain: list[Op], ids: np.ndarray) -> np.ndarray | None:
+    v = ids
+    for op in reversed(chain):
+        try:
+            v = run_op(op, [v] + [graph.constants[i] if i else None for i in op.inputs[1:]])[0]
+        except Exception:  # noqa: BLE001 - a chain that cannot run on ids is not plumbing
+            return None
+    return v
+
+
+def _find_source(graph: Graph, t: str, expect) -> str | None:
+    """A 4-D tensor s upstream of ``t`` through plumbing with plumbing(s) == expect(P(s)), where
+    P is a permutation of s's axes; the farthest such s wins. When P is not the identity a
+    Transpose producing P(s) is inserted, so the fused op always sees [B, H, S, D]."""
+    chain = _plumbing_chain(graph, t)
+    for n in range(len(chain), -1, -1):
+        src = chain[n - 1].inputs[0] if n else t
+        shape = graph.tensors[src].shape
+        if shape is None or len(shape) != 4:
+            continue
+        ids = np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape)
+        got = _trace_ids(graph, chain[:n], ids)
+        if got is None:
+            continue
+        for perm in itertools.permutations(range(4)):
+            want = expect(np.transpose(ids, perm))
+            if want is not None and got.shape == want.shape and np.array_equal(got, want):
+                if perm == (0, 1, 2, 3):
+                    return src
+                out = graph.fresh_name(f"{src}_bhsd")
+                graph.add_op(Op("Transpose", graph.fresh_name(f"transpose_{src}"), (src,), (out,), {"perm": perm}))
+                graph.tensors[out] = TensorInfo(tuple(shape[p] for p in perm), graph.tensors[src].dtype)
+                return out
+    return None
+
+
+def _causal_constant(mask: np.ndarray, scores_shape: tuple[int, ...]) -> bool:
+    """Is ``mask`` (broadcast to the scores) exactly the lower-right-aligned causal mask?"""
+    if mask.ndim < 2 or mask.dtype.kind != "f" or len(scores_shape) < 2:
+        return False
+    try:
+        m = np.broadcast_to(mask, scores_shape)
+    except ValueError:
+        return False
+    s, t = scores_shape[-2:]
+    keep = np.tril(np.ones((s, t), dtype=bool), k=t - s)
+    m = m.reshape(-1, s, t)
+    return bool(np.all(m[:, keep] == 0) and np.all(m[:, ~keep] <= -1e30))
+
+
+@register
+@dataclass(frozen=True)
+class FuseAttention:
+    """softmax(q k^T * scale + mask) v with grouped-query plumbing, and ONNX ``Attention`` -> ``attention``."""
+
+    name: ClassVar[str] = "fuse-attention"
+
+    def __call__(self, graph: Graph) -> bool:
+        changed = False
+        for op in list(graph.ops):
+            if op.name not in graph.nx:
+                continue
+            if op.kind == "MatMul":
+                changed |= self._fuse_decomposed(graph, op)
+            elif op.kind == "Attention":
+                changed |= self._fuse_onnx(graph, op)
+        return changed
+
+    def _fuse_decomposed(self, graph: Graph, pv: Op) -> bool:
+        p, v_in = pv.inputs
+        where = prod(graph, p, "Where")
+        if where is not None and prod(graph, where.inputs[0], "IsNaN") is not None:
+            p = where.inputs[2]  # nan guard for fully-masked rows; the fused softmax yields 0 there
+        sm = prod(graph, p, "Softmax")
+        if sm is None or sm.attr("axis", -1) not in (-1, 3):
+            return False
+        scores, mask = sm.inputs[0], ""
+        scores, s_factor = _strip_scale(graph, scores)
+        add = prod(graph, scores, "Add")
+        if add is not None:
+            for a, b in ((add.inputs[0], add.inputs[1]), (add.inputs[1], add.inputs[0])):
+                if prod(graph, a, "MatMul") is not None or prod(graph, _strip_scale(graph, a)[0], "MatMul"):
+                    scores, mask = a, b
+                    break
+        scores, s2 = _strip_scale(graph, scores)
+        qk = prod(graph, scores, "MatMul")
+        if qk is None:
+            return False
+        q_t, q_factor = _strip_scale(graph, qk.inputs[0])
+        k_t, k_factor = _strip_scale(graph, qk.inputs[1])
+        q = _find_source(graph, q_t, lambda ids: ids)
+        if q is None:
+            return False
+        hq = graph.tensors[q].shape[1]
+
+        def repeat_kv(transpose: bool):
+            def expect(ids):
+                if ids.shape[0] != graph.tensors[q].shape[0] or hq % ids.shape[1]:
+                    return None
+                r = np.repeat(ids, hq // ids.shape[1], axis=1)
+                return np.swapaxes(r, -1, -2) if transpose else r
+            return expect
+
+        k = _find_source(graph, k_t, repeat_kv(True))
+        v = _find_source(graph, v_in, repeat_kv(False))
+        if k is None or v is None:
+            return False
+        attrs = {"scale": float(s_factor * s2 * q_factor * k_factor), "causal": False}
+        inputs = [q, k, v]
+        if mask:
+            mc = const(graph, mask)
+            if mc is not None and _causal_constant(mc, graph.tensors[sm.inputs[0]].shape):
+                attrs["causal"] = True
+            else:
+                inputs.append(mask)
+        replace_root(graph, pv, "attention", inputs, attrs)
+        return True
+
+    @staticmethod
+    def _fuse_onnx(graph: Graph, op: Op) -> bool:
+        ins = list(op.inputs) + [""] * (6 - len(op.inputs))
+        q, k, v, mask, past_k, past_v = ins[:6]
+        outs = [o for o in op.outputs]
+        if len(graph.tensors[q].shape) != 4 or op.attr("softcap", 0.0) or op.attr("qk_matmul_output_mode", 0) \
+                or (len(outs) > 3 and outs[3]):
+            return False
+        scale = op.attr("scale", None) or 1.0 / math.sqrt(graph.tensors[q].shape[-1])
+        hq = graph.tensors[q].shape[1]
+
+        def repeated(ids):  # exporters repeat kv heads before Attention; the fused op does GQA itself
+            return np.repeat(ids, hq // ids.shape[1], axis=1) if hq % ids.shape[1] == 0 else None
+
+        if not past_k:
+            k = _find_source(graph, k, repeated) or k
+            v = _find_source(graph, v, repeated) or v
+        if past_k:
+            # present = concat(past, new) along the sequence axis, as the exporters' own graphs do
+            pk = graph.fresh_name(f"{op.name}_present_key") if len(outs) < 2 or not outs[1] else outs[1]
+            pvn = graph.fresh_name(f"{op.name}_present_value") if len(outs) < 3 or not outs[2] else outs[2]
+            for src, new, out in ((past_k, k, pk), (past_v, v, pvn)):
+                graph.add_op(Op("Concat", graph.fresh_name(f"{op.name}_concat"), (src, new), (out,), {"axis": 2}))
+                shp = list(graph.tensors[src].shape)
+                shp[2] += graph.tensors[new].shape[2]
+                graph.tensors[out] = TensorInfo(tuple(shp), graph.tensors[src].dtype)
+            k, v = pk, pvn
+        attrs = {"scale": float(scale), "causal": bool(op.attr("is_causal", 0))}
+        inputs = [q, k, v]
+        if mask:
+            mc = const(graph, mask)
+            if mc is not None and mc.dtype == bool and mc.ndim >= 2:
+                s, t = mc.shape[-2:]
+                if np.array_equal(np.broadcast_to(mc, mc.shape), np.broadcast_to(np.tril(np.ones((s, t), bool), t - s), mc.shape)):
+                    attrs["causal"] = True
+                    mask = ""
+            elif mc is not None and _causal_constant(mc, (1, 1, graph.tensors[q].shape[2], graph.tensors[k].shape[2])):
+                attrs["causal"] = True
+                mask = ""
+            if mask:
+                inputs.append(mask)
+        graph.remove_op(op.name)
+        graph.add_op(Op("attention", graph.fresh_name(f"attention_{op.name}"), tuple(inputs), (outs[0],), attrs))
+        return True

@@ -1,0 +1,93 @@
+"""ONNX's own backend node tests, run against tapeout's float interpreter.
+
+The onnx wheel ships the generators of its node tests, not their data, so
+``collect_testcases()`` rebuilds every case in memory (a few seconds). A case runs when
+``onnx_backend.is_compatible`` accepts its model (every op has a kernel, tensors only);
+every other case is counted as not run, never as failed. Outputs are compared the way ONNX's
+own runner does (same shapes and dtypes, ``assert_allclose`` with the case's rtol/atol).
+"""
+from __future__ import annotations
+
+import collections
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from onnx.backend.test.case import node as node_cases
+from onnx.backend.test.runner import Runner
+
+from tapeout.compiler import onnx_backend
+
+# Cases of supported ops that fail for reasons outside tapeout's scope (strict: a fix shows up).
+KNOWN_FAILURES = {
+    "test_training_dropout": "training-mode Dropout samples a random mask; tapeout is inference-only",
+    "test_training_dropout_mask": "training-mode Dropout samples a random mask; tapeout is inference-only",
+    "test_training_dropout_default": "training-mode Dropout samples a random mask; tapeout is inference-only",
+    "test_training_dropout_default_mask": "training-mode Dropout samples a random mask; tapeout is inference-only",
+}
+# The suite must not shrink silently (onnx 1.23 with today's kernels runs ~1340 cases).
+MIN_CASES_RUN = 1200
+
+
+def _collect() -> list:
+    with warnings.catch_warnings():   # the generators overflow on purpose (float8, -inf cases)
+        warnings.simplefilter("ignore")
+        with np.errstate(all="ignore"):
+            return list(node_cases.collect_testcases(None))
+
+
+ALL_CASES = _collect()
+RUN_CASES = [c for c in ALL_CASES if onnx_backend.is_compatible(c.model)]
+SUPPORTED_OPS = sorted({s.name for s in onnx.defs.get_all_schemas() if s.domain in ("", "ai.onnx")}
+                       & set(onnx_backend._kernels()))
+TALLY: collections.Counter = collections.Counter()
+
+
+def _array(value):
+    return numpy_helper.to_array(value) if isinstance(value, onnx.TensorProto) else value
+
+
+def _param(case):
+    marks = [pytest.mark.xfail(reason=KNOWN_FAILURES[case.name], strict=True)] if case.name in KNOWN_FAILURES else []
+    return pytest.param(case, id=case.name, marks=marks)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _summary(request):
+    yield
+    if TALLY["run"]:
+        line = (f"ONNX node tests: passed {TALLY['passed']} / run {TALLY['run']} "
+                f"(supported ops: {len(SUPPORTED_OPS)}, not run: {len(ALL_CASES) - len(RUN_CASES)})")
+        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line("\n" + line)
+        else:
+            print(line)
+
+
+@pytest.mark.parametrize("case", [_param(c) for c in RUN_CASES])
+def test_onnx_node(case):
+    TALLY["run"] += 1
+    rep = onnx_backend.prepare(case.model)
+    for inputs, expected in case.data_sets:
+        with np.errstate(all="ignore"):
+            outputs = rep.run([_array(x) for x in inputs])
+        Runner.assert_similar_outputs([_array(x) for x in expected], list(outputs),
+                                      rtol=case.rtol, atol=case.atol)
+    TALLY["passed"] += 1
+
+
+def test_enough_cases_run():
+    assert len(ALL_CASES) > 1000, "onnx's node test generators produced too few cases"
+    assert len(RUN_CASES) >= MIN_CASES_RUN, f"only {len(RUN_CASES)} ONNX node cases are runnable"
+    run_ops = {n.op_type for c in RUN_CASES for n in c.model.graph.node}
+    for op in ("Attention", "RotaryEmbedding", "RMSNormalization", "LayerNormalization", "MatMul", "Softmax"):
+        assert op in run_ops, f"no ONNX node case exercises {op}"
+
+
+def test_known_failures_are_runnable_cases():
+    # a stale entry would hide nothing and mislead readers
+    names = {c.name for c in RUN_CASES}
+    assert set(KNOWN_FAILURES) <= names, set(KNOWN_FAILURES) - names
