@@ -58,6 +58,8 @@ def parse_bytes(data: bytes, file: str) -> onnx.ModelProto:
 
 def from_proto(model: onnx.ModelProto, *, file: str = "<memory>", base_dir: str | None = None) -> Graph:
     """Convert a ModelProto to a Graph (external data resolved against ``base_dir``)."""
+    # external data first: its own messages are clearer than the checker's
+    constants = [(init.name, _initializer(init, file, base_dir)) for init in model.graph.initializer]
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:
@@ -76,8 +78,8 @@ def from_proto(model: onnx.ModelProto, *, file: str = "<memory>", base_dir: str 
 
     for vi in list(g.input) + list(g.output) + list(g.value_info):
         graph.tensors[vi.name] = _tensor_info(vi)
-    for init in g.initializer:
-        graph.add_constant(init.name, _initializer(init, file, base_dir))
+    for name, value in constants:
+        graph.add_constant(name, value)
     inits = {i.name for i in g.initializer}
     graph.inputs = [vi.name for vi in g.input if vi.name not in inits]
     graph.outputs = [vi.name for vi in g.output]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 
@@ -82,7 +83,8 @@ def find_layers(graph: Graph) -> list[dict[str, Any]]:
         layer: dict[str, Any] = {
             "index": idx, "attention": att.name,
             "heads": int(q_shape[1]), "kv_heads": int(k_shape[1]), "head_dim": int(q_shape[-1]),
-            "causal": bool(att.attr("causal", False)) or (len(att.inputs) > 3 and bool(att.inputs[3])),
+            "causal": bool(att.attr("causal", False)),
+            "mask": len(att.inputs) > 3 and bool(att.inputs[3]),
             "linears": {},
         }
         qkv = [_trace_back(graph, t) for t in att.inputs[:3]]
@@ -148,8 +150,10 @@ def recognise(graph: Graph) -> dict[str, Any]:
         "blocks": layers, "other_linears": other,
     }
     structure["headline"] = _headline(structure, params)
+    for x in other:
+        x["role"] = "lm_head" if vocab and x["out"] == vocab else "other"
     return {
-        "model": graph.meta.get("file"), "producer": graph.meta.get("producer"),
+        "model": Path(graph.meta.get("file") or graph.name).name, "producer": graph.meta.get("producer"),
         "opsets": graph.meta.get("opsets"), "bindings": graph.meta.get("bindings", {}),
         "inputs": [{"name": n, "type": str(graph.tensors[n])} for n in graph.inputs],
         "outputs": [{"name": n, "type": str(graph.tensors.get(n, '?'))} for n in graph.outputs],
@@ -202,7 +206,7 @@ def render_summary(summary: dict[str, Any], list_ops: bool = False) -> str:
             lines.append(f"{b['index']:5d}  {b['heads']:>3d}/{b['kv_heads']:<3d} x {b['head_dim']:<4d}"
                          f"{' causal' if b['causal'] else '':14s}  {mlp:21s}  {lin}")
         for x in s["other_linears"]:
-            lines.append(f"other  linear {x['op']}: {x['in']}->{x['out']}")
+            lines.append(f"{x['role']:7s}linear {x['op']}: {x['in']}->{x['out']}")
         lines.append("")
     lines.append(f"ops ({summary['ops']} after fusion): " +
                  ", ".join(f"{k} {v}" for k, v in summary["histogram"].items()))

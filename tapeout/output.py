@@ -44,6 +44,7 @@ class OutputFolder:
                                "refusing to replace it (choose another -o)", file=str(self.out))
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        self.tmp.chmod(0o755)
         self.files: list[str] = []
 
     def path(self, rel: str) -> Path:

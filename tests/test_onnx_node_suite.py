@@ -60,11 +60,12 @@ def _summary(request):
     if TALLY["run"]:
         line = (f"ONNX node tests: passed {TALLY['passed']} / run {TALLY['run']} "
                 f"(supported ops: {len(SUPPORTED_OPS)}, not run: {len(ALL_CASES) - len(RUN_CASES)})")
-        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:
+        plugins = request.config.pluginmanager
+        reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
+        if reporter is None or capture is None:   # e.g. an xdist worker: nowhere to print
+            return
+        with capture.global_and_fixture_disabled():
             reporter.write_line("\n" + line)
-        else:
-            print(line)
 
 
 @pytest.mark.parametrize("case", [_param(c) for c in RUN_CASES])
