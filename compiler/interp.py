@@ -26,8 +26,16 @@ def kernel(*kinds: str) -> Callable[[Kernel], Kernel]:
     return register
 
 
-def _load_kernels() -> None:
-    from . import kernels_onnx, kernels_fused  # noqa: F401  (registration side effect)
+_loaded = False
+
+
+def _load_kernels() -> dict[str, Kernel]:
+    """Import the kernel modules once (registration is their import side effect)."""
+    global _loaded
+    if not _loaded:
+        from . import kernels_fused, kernels_onnx  # noqa: F401
+        _loaded = True
+    return KERNELS
 
 
 class OpError(Exception):
@@ -40,9 +48,7 @@ class OpError(Exception):
 
 def run_op(op: Op, inputs: list[np.ndarray | None]) -> tuple[np.ndarray, ...]:
     """Run one op on concrete inputs; returns one array per output."""
-    if not KERNELS:
-        _load_kernels()
-    fn = KERNELS.get(op.kind)
+    fn = _load_kernels().get(op.kind)
     if fn is None:
         raise OpError(op, f"no float kernel for op {op.kind}")
     try:

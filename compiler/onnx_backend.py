@@ -79,15 +79,21 @@ def run_model(model: onnx.ModelProto, inputs: Any, device: str = "CPU", **kwargs
 def run_node(node: onnx.NodeProto, inputs: Sequence[np.ndarray], device: str = "CPU",
              outputs_info: Sequence[tuple[np.dtype, tuple]] | None = None, **kwargs: Any) -> tuple:
     """Run one node on ``inputs`` (one array per non-empty input name of the node)."""
-    present = [name for name in node.input if name]
+    def value_info(name: str, dtype: np.dtype, shape) -> onnx.ValueInfoProto:
+        return onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), shape)
+
+    inputs = [np.asarray(x) for x in inputs]
+    outputs = [name for name in node.output if name]
     graph = onnx.helper.make_graph(
         [node], f"run_node_{node.op_type}",
-        [onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(np.asarray(x).dtype),
-                                            np.shape(x)) for n, x in zip(present, inputs)],
-        [onnx.helper.make_empty_tensor_value_info(n) for n in node.output if n])
+        [value_info(n, x.dtype, x.shape) for n, x in zip([n for n in node.input if n], inputs)],
+        [value_info(n, *info) for n, info in zip(outputs, outputs_info)] if outputs_info
+        else [onnx.helper.make_empty_tensor_value_info(n) for n in outputs])
     opset = kwargs.get("opset_version", onnx.defs.onnx_opset_version())
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(node.domain, opset)])
-    return run_model(model, [np.asarray(x) for x in inputs], device)
+    if not outputs_info:   # the importer's checker wants typed outputs: infer them
+        model = onnx.shape_inference.infer_shapes(model)
+    return run_model(model, inputs, device)
 
 
 def supports_device(device: str) -> bool:

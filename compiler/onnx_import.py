@@ -104,14 +104,13 @@ def from_proto(model: onnx.ModelProto, *, file: str = "<memory>", base_dir: str 
 
 def unsupported_ops(graph: Graph) -> list[tuple[str, str, str]]:
     """Every op the float interpreter cannot run: (node name, op kind, why)."""
-    from .interp import KERNELS, _load_kernels
-    if not KERNELS:
-        _load_kernels()
+    from .interp import _load_kernels
+    kernels = _load_kernels()
     problems = []
     for op in graph.ops:
         if op.domain not in KNOWN_DOMAINS:
             problems.append((op.name, f"{op.domain}.{op.kind}", f"custom domain {op.domain!r} is not supported"))
-        elif op.kind not in KERNELS:
+        elif op.kind not in kernels:
             problems.append((op.name, op.kind, "no tapeout implementation of this ONNX op"))
         elif any(isinstance(v, Graph) or isinstance(v, onnx.GraphProto) for v in op.attrs.values()):
             problems.append((op.name, op.kind, "control flow with subgraphs is not supported"))

@@ -86,7 +86,8 @@ class EliminateNoOps:
 
     def __call__(self, graph: Graph) -> bool:
         changed = False
-        for op in list(graph.ops):
+        for name in [op.name for op in graph.ops]:
+            op = graph.op(name)  # fresh record: earlier removals may have renamed its inputs
             if not _is_no_op(graph, op):
                 continue
             src, dst = op.inputs[0], op.outputs[0]
