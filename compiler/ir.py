@@ -170,6 +170,18 @@ class Graph:
             self.replace_op(op.replace(inputs=tuple(new if t == old else t for t in op.inputs)))
         self.outputs = [new if t == old else t for t in self.outputs]
 
+    def copy(self) -> "Graph":
+        """A new Graph sharing the op records and the constant arrays (no weight is copied)."""
+        g = Graph(self.name)
+        g.nx = self.nx.copy()
+        g.tensors = dict(self.tensors)
+        g.constants = dict(self.constants)
+        g.inputs, g.outputs = list(self.inputs), list(self.outputs)
+        g.producer = dict(self.producer)
+        g.consumers = {k: list(v) for k, v in self.consumers.items()}
+        g.meta = dict(self.meta)
+        return g
+
     # --- reading --------------------------------------------------------------------------
     def op(self, name: str) -> Op:
         return self.nx.nodes[name]["op"]

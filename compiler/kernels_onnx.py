@@ -1,4 +1,4 @@
-"""Float kernels for ONNX ops, in numpy, with the ONNX semantics of opsets 7 to 25.
+"""Float kernels for ONNX ops, in numpy, with the semantics of the current ONNX opsets.
 
 Each kernel is ``fn(op, *inputs)`` (omitted optional inputs are ``None``) and returns one array
 or a tuple with one array per output. Dtypes follow ONNX: results keep the input dtype (a
@@ -33,7 +33,9 @@ def _axes(op, axes, rank: int) -> tuple[int, ...] | None:
 
 
 def _dtype(code) -> np.dtype:
-    """numpy dtype of an ONNX ``TensorProto.DataType`` code (or anything np.dtype accepts)."""
+    """numpy dtype of an ONNX ``TensorProto.DataType`` code (or name, as Cast-1 has it)."""
+    if isinstance(code, str):
+        code = onnx.TensorProto.DataType.Value(code.upper())
     if isinstance(code, (int, np.integer)):
         return np.dtype(helper.tensor_dtype_to_np_dtype(int(code)))
     return np.dtype(code)
@@ -612,7 +614,7 @@ def nonzero(op, x):
 
 @kernel("Trilu")
 def trilu(op, x, k=None):
-    k = 0 if k is None else int(k)
+    k = 0 if k is None else int(np.ravel(k)[0])
     return np.triu(x, k) if op.attr("upper", 1) else np.tril(x, k)
 
 
@@ -665,8 +667,12 @@ def eye_like(op, x):
 
 @kernel("Range")
 def range_(op, start, limit, delta):
-    count = max(int(np.ceil((limit - start) / delta)), 0)
-    return (start + np.arange(count) * delta).astype(start.dtype)
+    # float16/bfloat16 count and accumulate in stash_type (float32 by default)
+    out = start.dtype
+    work = _dtype(op.attr("stash_type", 1)) if out in (np.float16, ml_dtypes.bfloat16) else out
+    start, limit, delta = (np.asarray(v, work) for v in (start, limit, delta))
+    count = max(math.ceil(float(limit - start) / float(delta)), 0)   # in double, as onnxruntime
+    return (start + np.arange(count, dtype=work) * delta).astype(out)
 
 
 @kernel("Shape")
@@ -696,6 +702,8 @@ def _to_e8m0(x: np.ndarray, saturate: bool, round_mode: str) -> np.ndarray:
 def _cast(x: np.ndarray, to: np.dtype, saturate: bool, round_mode: str = "up") -> np.ndarray:
     if to == np.bool_:
         return x != 0
+    if to == object:   # STRING
+        return x.astype(str).astype(object)
     if to == ml_dtypes.float8_e8m0fnu:
         return _to_e8m0(x, saturate, round_mode)
     if saturate and to.name.startswith(("float8_e4", "float8_e5", "float4")) and x.dtype.kind in "fV":

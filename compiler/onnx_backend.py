@@ -25,6 +25,12 @@ def _kernels() -> dict:
     return interp.KERNELS
 
 
+def supported_ops() -> list[str]:
+    """The ONNX (default domain) op types that have a tapeout float kernel."""
+    onnx_ops = {s.name for s in onnx.defs.get_all_schemas() if s.domain in KNOWN_DOMAINS}
+    return sorted(onnx_ops & set(_kernels()))
+
+
 class TapeoutRep(BackendRep):
     """A prepared model: the imported Graph, run on the float interpreter."""
 
@@ -80,7 +86,8 @@ def run_node(node: onnx.NodeProto, inputs: Sequence[np.ndarray], device: str = "
              outputs_info: Sequence[tuple[np.dtype, tuple]] | None = None, **kwargs: Any) -> tuple:
     """Run one node on ``inputs`` (one array per non-empty input name of the node)."""
     def value_info(name: str, dtype: np.dtype, shape) -> onnx.ValueInfoProto:
-        return onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), shape)
+        elem_type = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+        return onnx.helper.make_tensor_value_info(name, elem_type, shape)
 
     inputs = [np.asarray(x) for x in inputs]
     outputs = [name for name in node.output if name]

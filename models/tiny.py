@@ -83,7 +83,6 @@ def build_model(family: str):
     import torch
     import transformers
 
-    transformers.logging.set_verbosity_error()
     if family == "llama":
         config = transformers.LlamaConfig(
             vocab_size=VOCAB,
@@ -253,6 +252,26 @@ def quiet():
             lg.setLevel(level)
 
 
+# node metadata the dynamo exporter adds that depends on where and how the script was loaded
+# (absolute paths, line numbers, the wrapper's module name): dropped so that an export is
+# byte-identical across checkouts; "pkg.torch.onnx.name_scopes" (module path such as
+# "model.model.layers.0.self_attn.q_proj") is kept.
+_VOLATILE_METADATA = (
+    "pkg.torch.onnx.stack_trace",
+    "pkg.torch.onnx.fx_node",
+    "pkg.torch.onnx.class_hierarchy",
+    "namespace",
+)
+
+
+def strip_node_metadata(ir_model) -> None:
+    """Remove the load-location-dependent metadata from every node of an ``onnx_ir`` model."""
+    for graph in (ir_model.graph, *ir_model.functions.values()):
+        for node in graph.all_nodes():
+            for key in _VOLATILE_METADATA:
+                node.metadata_props.pop(key, None)
+
+
 def torch_export(
     module,
     args: tuple,
@@ -281,10 +300,8 @@ def torch_export(
                 verbose=False,
                 optimize=True,
             )
-            if external_data:
-                program.save(str(path), external_data=True)
-            else:
-                program.save(str(path), external_data=False)
+            strip_node_metadata(program.model)
+            program.save(str(path), external_data=external_data)
         elif exporter == "legacy":
             torch.onnx.export(
                 module,
@@ -491,6 +508,8 @@ def sample_inputs(
         d = dims[axis]
         if isinstance(d, int) and d > 0:
             return d
+        if len(dims) == 1:  # 1-D: cache_position / position ids of the new tokens
+            return n_new
         if axis == 0:
             return 1
         if name.startswith("past_key_values"):

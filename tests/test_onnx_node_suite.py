@@ -21,11 +21,12 @@ from onnx.backend.test.runner import Runner
 from tapeout.compiler import onnx_backend
 
 # Cases of supported ops that fail for reasons outside tapeout's scope (strict: a fix shows up).
+_RANDOM_DROPOUT = "training-mode Dropout samples a random mask; tapeout is inference-only"
 KNOWN_FAILURES = {
-    "test_training_dropout": "training-mode Dropout samples a random mask; tapeout is inference-only",
-    "test_training_dropout_mask": "training-mode Dropout samples a random mask; tapeout is inference-only",
-    "test_training_dropout_default": "training-mode Dropout samples a random mask; tapeout is inference-only",
-    "test_training_dropout_default_mask": "training-mode Dropout samples a random mask; tapeout is inference-only",
+    "test_training_dropout": _RANDOM_DROPOUT,
+    "test_training_dropout_mask": _RANDOM_DROPOUT,
+    "test_training_dropout_default": _RANDOM_DROPOUT,
+    "test_training_dropout_default_mask": _RANDOM_DROPOUT,
 }
 # The suite must not shrink silently (onnx 1.23 with today's kernels runs ~1340 cases).
 MIN_CASES_RUN = 1200
@@ -40,8 +41,7 @@ def _collect() -> list:
 
 ALL_CASES = _collect()
 RUN_CASES = [c for c in ALL_CASES if onnx_backend.is_compatible(c.model)]
-SUPPORTED_OPS = sorted({s.name for s in onnx.defs.get_all_schemas() if s.domain in ("", "ai.onnx")}
-                       & set(onnx_backend._kernels()))
+SUPPORTED_OPS = onnx_backend.supported_ops()
 TALLY: collections.Counter = collections.Counter()
 
 
@@ -50,7 +50,8 @@ def _array(value):
 
 
 def _param(case):
-    marks = [pytest.mark.xfail(reason=KNOWN_FAILURES[case.name], strict=True)] if case.name in KNOWN_FAILURES else []
+    reason = KNOWN_FAILURES.get(case.name)
+    marks = [pytest.mark.xfail(reason=reason, strict=True)] if reason else []
     return pytest.param(case, id=case.name, marks=marks)
 
 
@@ -92,3 +93,18 @@ def test_known_failures_are_runnable_cases():
     # a stale entry would hide nothing and mislead readers
     names = {c.name for c in RUN_CASES}
     assert set(KNOWN_FAILURES) <= names, set(KNOWN_FAILURES) - names
+
+
+def test_backend_api():
+    relu = onnx.helper.make_node("Relu", ["x"], ["y"])
+    x = np.array([[-1.0, 2.0]], dtype=np.float32)
+    (y,) = onnx_backend.TapeoutBackend.run_node(relu, [x])
+    np.testing.assert_array_equal(y, [[0.0, 2.0]])
+    x_info, y_info = (onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1, 2]) for n in "xy")
+    graph = onnx.helper.make_graph([relu], "relu", [x_info], [y_info])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 14)])
+    assert onnx_backend.TapeoutBackend.is_compatible(model)
+    assert onnx_backend.TapeoutBackend.supports_device("CPU") and not onnx_backend.supports_device("CUDA")
+    np.testing.assert_array_equal(onnx_backend.prepare(model).run({"x": x}).y, [[0.0, 2.0]])
+    model.graph.node[0].op_type = "Conv"
+    assert not onnx_backend.is_compatible(model)

@@ -1,0 +1,148 @@
+"""Integer arithmetic of the golden model (spec: docs/golden.md). numpy int64 only.
+
+Number formats
+- ``Q16``: int32 fixed point with 16 fractional bits (value = n / 2**16), saturating; the
+  vector path: residual stream, norms, rope, softmax inputs, activations.
+- ``MXINT``: blocks of 32 along the last axis, signed ``bits``-bit elements (int8 by default)
+  with one shared power-of-two exponent per block: value = m * 2**(e - 16). The inputs of
+  every matrix multiply (linear inputs, q, k, v).
+- ``Q30``: probabilities, exponentials and sigmoids in [0, 1] with 30 fractional bits.
+
+Rounding everywhere: round half up, i.e. ``(v + 2**(k-1)) >> k`` with an arithmetic shift.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+Q = 16                       # fractional bits of Q16
+ONE = 1 << Q
+Q30 = 30
+ONE30 = 1 << Q30
+INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
+ACC_BITS = 48                # stated accumulator width (signed); checked, never silently wrapped
+MX_BLOCK = 32
+
+# 2**-f for f in [0, 1): degree-5 least-squares polynomial, Q30 coefficients (max error 1.3e-7)
+EXP2_POLY = (-1017037, 9885125, -59368625, 257885219, -744255587, 1073741694)
+LOG2E_Q30 = 1549082005       # round(log2(e) * 2**30)
+
+
+class OverflowInGolden(ArithmeticError):
+    """A value left its stated width: a design limit was hit, never silently wrapped."""
+
+
+def rshift_round(v: np.ndarray, k) -> np.ndarray:
+    """round(v / 2**k), half up; ``k`` may be an array and may be negative (then a left shift)."""
+    v = np.asarray(v, dtype=np.int64)
+    k = np.asarray(k, dtype=np.int64)
+    pos = np.maximum(k, 0)
+    half = np.where(pos > 0, np.left_shift(np.int64(1), np.maximum(pos - 1, 0)), 0)
+    right = np.right_shift(v + half, pos)
+    return np.where(k >= 0, right, np.left_shift(v, np.maximum(-k, 0)))
+
+
+def div_round(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """round(a / b) half up for b > 0 (floor division of a + b//2)."""
+    a = np.asarray(a, np.int64)
+    b = np.asarray(b, np.int64)
+    return np.floor_divide(a + b // 2, b)
+
+
+def saturate32(v: np.ndarray) -> np.ndarray:
+    return np.clip(v, INT32_MIN, INT32_MAX).astype(np.int64)
+
+
+def check_acc(v: np.ndarray, what: str, bits: int = ACC_BITS) -> np.ndarray:
+    if v.size and int(np.max(np.abs(v))) >= (1 << (bits - 1)):
+        raise OverflowInGolden(f"{what}: accumulator exceeds {bits} bits")
+    return v
+
+
+def bit_length(v: np.ndarray) -> np.ndarray:
+    """Number of bits of |v| (0 for 0), exact for int64."""
+    a = np.abs(np.asarray(v, np.int64))
+    n = np.zeros(a.shape, np.int64)
+    for s in (32, 16, 8, 4, 2, 1):
+        big = a >= (np.int64(1) << s)
+        n += np.where(big, s, 0)
+        a = np.where(big, a >> s, a)
+    return n + (a > 0)
+
+
+def isqrt(v: np.ndarray) -> np.ndarray:
+    """floor(sqrt(v)) for int64 v >= 0, by Newton's method from a power-of-two start."""
+    v = np.asarray(v, np.int64)
+    x = np.left_shift(np.int64(1), (bit_length(v) + 1) // 2)   # >= sqrt(v)
+    for _ in range(64):
+        y = (x + v // np.maximum(x, 1)) >> 1
+        if np.all(y >= x):
+            break
+        x = np.minimum(x, y)
+    return np.where(v > 0, x, 0)
+
+
+def exp_neg_q30(d: np.ndarray) -> np.ndarray:
+    """exp(d) in Q30 for Q16 inputs d <= 0 (I-BERT style: exp(d) = 2**(d log2 e) = 2**-q * 2**-r)."""
+    t = rshift_round(-np.asarray(d, np.int64) * LOG2E_Q30, Q30)      # -d*log2(e), Q16, >= 0
+    q, r = t >> Q, t & (ONE - 1)
+    r30 = r << (Q30 - Q)
+    acc = np.full(r.shape, EXP2_POLY[0], np.int64)
+    for c in EXP2_POLY[1:]:
+        acc = (acc * r30 >> Q30) + c
+    return np.where(q >= 62, 0, rshift_round(acc, np.minimum(q, 62)))
+
+
+def sigmoid_q30(x: np.ndarray) -> np.ndarray:
+    """sigmoid(x) in Q30 for Q16 x: 1 / (1 + exp(-|x|)), mirrored for x < 0."""
+    x = np.asarray(x, np.int64)
+    e = exp_neg_q30(-np.abs(x))                                      # exp(-|x|) in Q30
+    pos = div_round(np.int64(1) << (2 * Q30), ONE30 + e)
+    neg = div_round(e << Q30, ONE30 + e)
+    return np.where(x >= 0, pos, neg)
+
+
+def mul_q(a: np.ndarray, b: np.ndarray, frac: int) -> np.ndarray:
+    """round(a * b / 2**frac)."""
+    return rshift_round(np.asarray(a, np.int64) * np.asarray(b, np.int64), frac)
+
+
+def to_fixed(x: np.ndarray, frac: int = Q) -> np.ndarray:
+    """A float constant (weights' side data, tables) as fixed point; compile time only."""
+    return np.round(np.asarray(x, np.float64) * (1 << frac)).astype(np.int64)
+
+
+def multiplier(real: np.ndarray, mant_bits: int = 15) -> tuple[np.ndarray, np.ndarray]:
+    """real ~= M * 2**-n with M < 2**mant_bits (compile time: derives the integer constants)."""
+    real = np.asarray(real, np.float64)
+    m, e = np.frexp(real)                       # real = m * 2**e, 0.5 <= |m| < 1
+    M = np.round(m * (1 << mant_bits)).astype(np.int64)
+    n = (mant_bits - e).astype(np.int64)
+    fix = np.abs(M) == (1 << mant_bits)         # rounding carried: renormalise
+    M = np.where(fix, M // 2, M)
+    n = np.where(fix, n - 1, n)
+    return np.where(real == 0, 0, M), np.where(real == 0, 0, n)
+
+
+def mx_quantize(x: np.ndarray, bits: int = 8, block: int = MX_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """Q16 tensor -> (elements int64 [..., D], exponents int64 [..., D/block]).
+
+    value = elem * 2**(exp - 16); exp = shift >= 0 chosen per block so that the rounded
+    elements fit ``bits`` signed bits (qmax = 2**(bits-1) - 1, symmetric).
+    """
+    x = np.asarray(x, np.int64)
+    d = x.shape[-1]
+    if d % block:
+        block = d if d < block else np.gcd(d, block)
+    xb = x.reshape(*x.shape[:-1], d // block, block)
+    qmax = (1 << (bits - 1)) - 1
+    amax = np.max(np.abs(xb), axis=-1)
+    shift = np.maximum(bit_length(amax) - (bits - 1), 0)
+    # rounding may carry amax to 2**(bits-1): one more bit of shift then
+    carry = rshift_round(amax, shift) > qmax
+    shift = shift + carry
+    elems = rshift_round(xb, shift[..., None])
+    return elems.reshape(x.shape), shift
+
+
+def mx_block(d: int, block: int = MX_BLOCK) -> int:
+    return block if d % block == 0 else (d if d < block else int(np.gcd(d, block)))
