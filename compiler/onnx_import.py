@@ -61,7 +61,10 @@ def from_proto(model: onnx.ModelProto, *, file: str = "<memory>", base_dir: str 
     # external data first: its own messages are clearer than the checker's
     constants = [(init.name, _initializer(init, file, base_dir)) for init in model.graph.initializer]
     try:
-        onnx.checker.check_model(model)
+        # with a file the checker resolves external data against the model's folder
+        on_disk = base_dir is not None and any(i.data_location == onnx.TensorProto.EXTERNAL
+                                               for i in model.graph.initializer)
+        onnx.checker.check_model(file if on_disk else model)
     except onnx.checker.ValidationError as e:
         line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TapeoutError(f"fails onnx.checker: {line}", file=file) from None

@@ -203,7 +203,7 @@ def export(
     if path.exists() and (d / "tokenizer.json").exists() and not force:
         return path
 
-    gguf = fetch(d)
+    gguf = fetch()  # the GGUF stays in the shared cache whatever out_dir is
     t0 = time.perf_counter()
     log("load tokenizer + model (de-quantise GGUF Q4_1 to float32) ...")
     tokenizer = load_tokenizer(gguf)

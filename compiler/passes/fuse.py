@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
+import networkx as nx
 import numpy as np
 
 from ..interp import run_op
@@ -84,7 +85,13 @@ class FuseLinear:
     def __call__(self, graph: Graph) -> bool:
         changed = False
         for op in list(graph.ops):
-            if op.kind == "MatMul" and (w := const(graph, op.inputs[1])) is not None and w.ndim == 2 \
+            tr = prod(graph, op.inputs[1], "Transpose") if op.kind == "MatMul" else None
+            if tr is not None and graph.is_constant(tr.inputs[0]) and graph.constants[tr.inputs[0]].ndim == 2 \
+                    and tuple(tr.attr("perm", (1, 0))) == (1, 0) and not graph.is_constant(op.inputs[0]):
+                # MatMul(x, W^T) of a tied embedding: read the shared table as [out, in]
+                new = replace_root(graph, op, "linear", [op.inputs[0], tr.inputs[0]], {"trans_w": True})
+                changed = True
+            elif op.kind == "MatMul" and (w := const(graph, op.inputs[1])) is not None and w.ndim == 2 \
                     and not graph.is_constant(op.inputs[0]):
                 new = replace_root(graph, op, "linear", [op.inputs[0], op.inputs[1]], {"trans_w": False})
                 changed = True
@@ -241,11 +248,15 @@ class FuseLayerNorm:
 PROBE = np.concatenate([np.linspace(-8, 8, 161), [-30.0, -12.5, 0.0, 1e-3, 12.5, 30.0]]).astype(np.float32)
 
 
-def _region(graph: Graph, root: Op, depth: int = 10) -> tuple[str, list[Op]] | None:
-    """The largest single-source elementwise region ending at ``root``: (source, ops in order)."""
+def _region(graph: Graph, root: Op, depth: int = 8, cap: int = 32) -> tuple[str, list[Op]] | None:
+    """The largest single-source elementwise region ending at ``root``: (source, ops in order).
+
+    Bounded (``depth`` hops, ``cap`` ops): activation spellings are short chains, and the
+    bound keeps the search local instead of wandering up the residual stream.
+    """
     seen: dict[str, Op] = {}
     frontier = [(root, 0)]
-    while frontier:
+    while frontier and len(seen) < cap:
         op, d = frontier.pop()
         if op.name in seen or op.kind not in ELEMENTWISE or d > depth:
             continue
@@ -254,25 +265,23 @@ def _region(graph: Graph, root: Op, depth: int = 10) -> tuple[str, list[Op]] | N
             p = prod(graph, t)
             if t and p is not None and not graph.is_constant(t):
                 frontier.append((p, d + 1))
+    local = [seen[n] for n in nx.topological_sort(graph.nx.subgraph(seen))]
     best = None
-    for cand in seen.values():
-        for x in cand.inputs:
-            if not x or graph.is_constant(x):
-                continue
-            region, produced = [], {x}
-            for op in graph.ops:  # topological
-                if op.name in seen and any(t in produced for t in op.inputs):
-                    region.append(op)
-                    produced.update(op.outputs)
-            names = {o.name for o in region}
-            if root.name not in names:
-                continue
-            ok = all((t in produced) or scalar(graph, t) is not None for o in region for t in o.inputs if t)
-            ok = ok and all(not graph.consumers.get(t) or all(c in names for c in graph.consumers[t])
-                            for o in region if o is not root for t in o.outputs)
-            ok = ok and not any(t in graph.outputs for o in region if o is not root for t in o.outputs)
-            if ok and (best is None or len(region) > len(best[1])):
-                best = (x, region)
+    for x in dict.fromkeys(t for o in local for t in o.inputs if t and not graph.is_constant(t)):
+        region, produced = [], {x}
+        for op in local:
+            if any(t in produced for t in op.inputs):
+                region.append(op)
+                produced.update(op.outputs)
+        names = {o.name for o in region}
+        if root.name not in names:
+            continue
+        ok = all((t in produced) or scalar(graph, t) is not None for o in region for t in o.inputs if t)
+        ok = ok and all(all(c in names for c in graph.consumers.get(t, ()))
+                        for o in region if o is not root for t in o.outputs)
+        ok = ok and not any(t in graph.outputs for o in region if o is not root for t in o.outputs)
+        if ok and (best is None or len(region) > len(best[1])):
+            best = (x, region)
     return best
 
 

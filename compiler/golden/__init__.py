@@ -1,0 +1,1 @@
+"""The integer golden model: the one oracle every backend equals bit for bit."""
