@@ -22,17 +22,23 @@ import numpy as np
 from .interp import kernel
 
 
+def _acc(a: np.ndarray) -> np.ndarray:
+    """float32 tensors accumulate in float64 (results round to float32 once per op, as a
+    float32 runtime's do, instead of once per partial sum)."""
+    return a.astype(np.float64) if a.dtype == np.float32 else a
+
+
 @kernel("linear")
 def linear(op, x, w, b=None):
-    y = x @ (w.T if op.attr("trans_w", False) else w)
-    return y + b if b is not None else y
+    y = _acc(x) @ _acc(w.T if op.attr("trans_w", False) else w)
+    return (y + b if b is not None else y).astype(x.dtype)
 
 
 @kernel("rmsnorm")
 def rmsnorm(op, x, g):
-    x32 = x.astype(np.float32)
-    var = np.mean(x32 * x32, axis=-1, keepdims=True)
-    return (x32 / np.sqrt(var + np.float32(op.attr("eps", 1e-6))) * g).astype(x.dtype)
+    x64 = x.astype(np.float64)
+    var = np.mean(x64 * x64, axis=-1, keepdims=True)
+    return (x64 / np.sqrt(var + op.attr("eps", 1e-6)) * g).astype(x.dtype)
 
 
 @kernel("layernorm")
@@ -75,7 +81,7 @@ def silu(op, x):
 
 @kernel("gated_mlp")
 def gated_mlp(op, gate, up):
-    return ACTIVATIONS[op.attr("activation", "silu")](gate) * up
+    return (ACTIVATIONS[op.attr("activation", "silu")](_acc(gate)) * _acc(up)).astype(gate.dtype)
 
 
 @kernel("rope")
@@ -115,11 +121,12 @@ def attention(op, q, k, v, mask=None):
         k = np.repeat(k, hq // hkv, axis=1)
         v = np.repeat(v, hq // hkv, axis=1)
     scale = op.attr("scale", 1.0 / math.sqrt(q.shape[-1]))
-    scores = (q @ np.swapaxes(k, -1, -2)) * np.asarray(scale, q.dtype)
+    dtype, q, k, v = q.dtype, _acc(q), _acc(k), _acc(v)
+    scores = (q @ np.swapaxes(k, -1, -2)) * scale
     s, t = scores.shape[-2], scores.shape[-1]
     if op.attr("causal", False):
         keep = np.tril(np.ones((s, t), dtype=bool), k=t - s)
         scores = np.where(keep, scores, -np.inf)
     if mask is not None:
         scores = np.where(mask, scores, -np.inf) if mask.dtype == bool else scores + mask
-    return (_softmax(scores.astype(np.float32)).astype(q.dtype) @ v).astype(q.dtype)
+    return (_softmax(scores) @ v).astype(dtype)

@@ -1,0 +1,56 @@
+"""SmolLM2-135M: structure, float interpreter vs onnxruntime (slow tier: needs the export)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tapeout.compiler.frontend import frontend
+from tapeout.compiler.interp import run
+from tapeout.compiler.structure import recognise
+
+from _support import load_models_module
+
+pytestmark = pytest.mark.slow
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def smol():
+    mod = load_models_module("smollm2")
+    return mod, mod.export(), mod.load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def graph(smol):
+    return frontend(smol[1])
+
+
+def prompt_ids(tok, text="The capital of France is", seq=16):
+    ids = np.array(tok(text)["input_ids"])
+    x = np.zeros((1, seq), np.int64)
+    x[0, : len(ids)] = ids
+    return x, len(ids)
+
+
+def test_every_layer_is_attention_plus_gated_mlp_with_7_linears(graph):
+    s = recognise(graph)["structure"]
+    assert s["layers"] == 30 and s["hidden"] == 576 and s["vocab"] == 49152
+    roles = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    for b in s["blocks"]:
+        assert (b["heads"], b["kv_heads"], b["head_dim"], b["causal"]) == (9, 3, 64, True)
+        assert b["mlp"] == {"kind": "gated_mlp", "activation": "silu", "intermediate": 1536}
+        assert sorted(b["linears"]) == sorted(roles)
+    assert [x["role"] for x in s["other_linears"]] == ["lm_head"]
+    assert graph.histogram()["linear"] == 211
+
+
+def test_float_interpreter_matches_onnxruntime(smol, graph):
+    import onnxruntime as ort
+    _, path, tok = smol
+    x, n = prompt_ids(tok)
+    ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input_ids": x})[0]
+    got = run(graph, {"input_ids": x})["logits"]
+    assert float(np.max(np.abs(got - ref))) <= TOL
+    assert np.array_equal(got.argmax(-1), ref.argmax(-1))
+    assert tok.decode([int(got[0, n - 1].argmax())]).strip() == "Paris"
