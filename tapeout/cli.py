@@ -13,11 +13,15 @@ commands:
   inspect   what is in an ONNX model: op histogram, recognised transformer structure,
             parameter count, and every op tapeout cannot handle (all at once)
   compile   compile a model into an output folder (graph summary, manifest.json)
+  quantize  quantise the linear weights (w3o6, mxfp4, nvfp4, int4, int8, int2..int8)
+  eval      score a quantised model against the float model on text (KLD, top-1, perplexity)
 
 examples:
   tapeout inspect model.onnx
   tapeout inspect model.onnx --seq-len 32 --json
   tapeout compile model.onnx -o out/
+  tapeout quantize model.onnx --format w3o6 -o q/
+  tapeout eval model.onnx --format nvfp4 --text eval.txt --tokenizer tokenizer.json --json
 
 Bad input (missing or corrupt files, unsupported ops, unbound dimensions) gives one line
 on stderr and exit code 2; add --debug for the traceback.
@@ -58,7 +62,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder (replaced if it "
                    "is an earlier tapeout output)")
     _add_binding_options(p)
+
+    p = sub.add_parser("quantize", help="quantise the linear weights into OUT/",
+                       description="Quantise every linear weight of MODEL (the LM head in int8 unless "
+                                   "--quantize-head). Writes OUT/weights/*.qt (packed, docs/formats.md), "
+                                   "OUT/quant_report.json (per tensor and total: bits per weight, "
+                                   "outlier fraction, error) and OUT/manifest.json.")
+    p.add_argument("model", metavar="MODEL.onnx")
+    p.add_argument("-o", "--out", required=True, metavar="OUT")
+    _add_quant_options(p)
+    _add_binding_options(p)
+
+    p = sub.add_parser("eval", help="score a quantised model against the float model",
+                       description="Quantise MODEL, run it and the float model on the text in windows of "
+                                   "the model's sequence length, and report KLD (llama.cpp's: per token "
+                                   "sum p_ref (log p_ref - log p_q)), top-1 agreement and perplexities.")
+    p.add_argument("model", metavar="MODEL.onnx")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", metavar="FILE", help="text to score (needs --tokenizer or a tokenizer.json "
+                     "beside the model)")
+    src.add_argument("--tokens", metavar="IDS.npy", help="1-D integer array of token ids to score")
+    p.add_argument("--max-tokens", type=int, metavar="N", help="score at most N tokens")
+    p.add_argument("--path", choices=("float", "golden"), default="float",
+                   help="float: float arithmetic on dequantised weights; golden: the integer model")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_quant_options(p)
+    _add_binding_options(p)
     return parser
+
+
+def _add_quant_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("quantisation")
+    g.add_argument("--format", required=True, metavar="F",
+                   help="w3o6 | mxfp4 | nvfp4 | int4 | int8 (also int2..int8); see docs/formats.md")
+    g.add_argument("--group", type=int, metavar="G", help="group size along the input features for the "
+                   "int formats (default: per channel) and w3o6 (default 64)")
+    g.add_argument("--outlier-frac", type=float, default=0.01, metavar="X",
+                   help="w3o6: fraction of weights held at 6 bits (default 0.01)")
+    g.add_argument("--gptq", action="store_true", help="GPTQ-style error compensation from calibration")
+    g.add_argument("--quantize-head", action="store_true", help="quantise the LM head in --format too "
+                   "(default: int8 per channel)")
+    g.add_argument("--tokenizer", metavar="T", help="tokenizer.json or a folder holding one (default: "
+                   "tokenizer.json beside the model)")
+    g.add_argument("--calib", metavar="FILE", help="calibration text (default: the built-in text)")
+    g.add_argument("--calib-tokens", metavar="IDS.npy", help="calibration token ids instead of text")
+    g.add_argument("--calib-max-tokens", type=int, default=2048, metavar="N",
+                   help="use at most N calibration tokens (default 2048)")
 
 
 def main(argv: list[str] | None = None) -> int:

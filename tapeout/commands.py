@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from importlib import resources
 from pathlib import Path
 
 from tapeout import __version__
@@ -65,4 +66,130 @@ def cmd_compile(args: argparse.Namespace, progress: Progress) -> int:
             }
             path = out.commit(manifest)
     print(f"wrote {path}/ ({len(out.files) + 1} files): {summary['structure']['headline']}")
+    return 0
+
+
+# --- quantisation -----------------------------------------------------------------------------
+def _tokenizer(args: argparse.Namespace, model: Path, required_for: str):
+    from tokenizers import Tokenizer
+    cand = Path(args.tokenizer) if args.tokenizer else model.parent / "tokenizer.json"
+    if cand.is_dir():
+        cand = cand / "tokenizer.json"
+    if not cand.is_file():
+        hint = f"--tokenizer {args.tokenizer}" if args.tokenizer else f"no tokenizer.json beside {model.name}"
+        raise TapeoutError(f"{required_for} needs a tokenizer: {hint} not found; pass --tokenizer "
+                           "tokenizer.json (or token ids with --calib-tokens / --tokens)", file=str(model))
+    try:
+        return Tokenizer.from_file(str(cand))
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exceptions
+        raise TapeoutError(f"cannot load tokenizer: {e}", file=str(cand)) from None
+
+
+def _read_ids(path: str) -> "np.ndarray":
+    import numpy as np
+    try:
+        ids = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise TapeoutError(f"cannot read token ids: {e}", file=path) from None
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        raise TapeoutError(f"expected a 1-D integer array of token ids, got {ids.dtype}{list(ids.shape)}", file=path)
+    return ids
+
+
+def _text_ids(path: str, tok) -> "np.ndarray":
+    import numpy as np
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise TapeoutError(f"cannot read text: {e}", file=path) from None
+    return np.array(tok.encode(text).ids, dtype=np.int64)
+
+
+def _check_ids(ids, graph, what: str, file: str) -> None:
+    vocab = graph.tensors[graph.outputs[0]].shape[-1]
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+        raise TapeoutError(f"{what} has token ids outside the model's vocabulary [0, {vocab})", file=file)
+
+
+def _quantized(args: argparse.Namespace, progress: Progress):
+    """Front end + calibration + quantisation shared by `quantize` and `eval`."""
+    from tapeout.compiler.frontend import frontend
+    from tapeout.compiler.qmodel import QuantConfig, calibrate, quantize_model, seq_len_of, windows
+    config = QuantConfig(args.format, group_size=args.group, outlier_frac=args.outlier_frac,
+                         gptq=args.gptq, quantize_head=args.quantize_head)
+    model = Path(args.model)
+    graph = frontend(model, binding_from_args(args), step=progress.step)
+    seq = seq_len_of(graph)
+    stats = None
+    if config.needs_calibration:
+        if args.calib_tokens:
+            ids, source = _read_ids(args.calib_tokens), args.calib_tokens
+        else:
+            source = args.calib or str(resources.files("tapeout.compiler") / "data" / "calib.txt")
+            ids = _text_ids(source, _tokenizer(args, model, "calibration"))
+        _check_ids(ids, graph, "calibration", source)
+        ids = ids[: args.calib_max_tokens]
+        wins = windows(ids, seq)
+        if not wins:
+            raise TapeoutError(f"calibration text has {len(ids)} tokens, fewer than one window of {seq}; "
+                               "give a longer --calib text", file=source)
+        with progress.step(f"calibrating on {len(wins) * seq} tokens"):
+            stats = calibrate(graph, wins, hessian=config.gptq)
+    with progress.step(f"quantising to {config.fmt}"):
+        qm = quantize_model(graph, config, stats)
+    return graph, qm, config, stats
+
+
+def cmd_quantize(args: argparse.Namespace, progress: Progress) -> int:
+    from tapeout.compiler.quant import pack
+    graph, qm, config, stats = _quantized(args, progress)
+    report = qm.report()
+    report["calibration_tokens"] = stats.tokens if stats else 0
+    model = Path(args.model)
+    with OutputFolder(args.out) as out:
+        index = []
+        for i, (name, qt) in enumerate(qm.weights.items()):
+            rel = f"weights/{i:04d}.qt"
+            out.write_bytes(rel, pack(qt))
+            index.append({"file": rel, "op": name, "role": qm.roles.get(name, "other"),
+                          "weight": graph.op(name).inputs[1], "format": qt.fmt, "shape": list(qt.shape)})
+        out.write_json("weights/index.json", index)
+        out.write_json("quant_report.json", report)
+        manifest = {"tool": "tapeout", "version": __version__, "command": "quantize",
+                    "options": {k: getattr(args, k) for k in ("format", "group", "outlier_frac", "gptq",
+                                                              "quantize_head", "calib_max_tokens")},
+                    "input": {"model": model.name, "sha256": input_hashes(model)}}
+        path = out.commit(manifest)
+    print(f"wrote {path}/: {len(qm.weights)} tensors in {config.fmt}, {report['bits_per_weight']:.3f} bits/weight "
+          f"({report['bits_per_weight_with_head']:.3f} with the {report['head_format']} head)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, progress: Progress) -> int:
+    from tapeout.compiler.evaluate import evaluate
+    from tapeout.compiler.qmodel import seq_len_of
+    progress.enabled = not args.json
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise TapeoutError(f"--max-tokens must be at least 2, not {args.max_tokens}")
+    model = Path(args.model)
+    if args.tokens:
+        ids, source = _read_ids(args.tokens), args.tokens
+    else:
+        ids, source = _text_ids(args.text, _tokenizer(args, model, "--text")), args.text
+    graph, qm, config, stats = _quantized(args, progress)
+    _check_ids(ids, graph, "the scored text", source)
+    seq = seq_len_of(graph)
+    n = min(len(ids), args.max_tokens or len(ids))
+    if n < seq:
+        raise TapeoutError(f"{n} tokens to score, fewer than one window of the model's sequence length {seq}",
+                           file=source)
+    with progress.step(f"scoring {n // seq} windows of {seq} tokens ({args.path} path)"):
+        result = evaluate(graph, qm, ids, seq, path=args.path, max_tokens=args.max_tokens)
+    result["calibration_tokens"] = stats.tokens if stats else 0
+    if args.json:
+        print(dumps_json(result), end="")
+    else:
+        print(f"{result['format']} ({result['path']} path), {result['bits_per_weight']:.3f} bits/weight, "
+              f"{result['tokens']} tokens: KLD mean {result['kld_mean']:.5f} p99 {result['kld_p99']:.4f}, "
+              f"top-1 {result['top1_agree']:.3f}, ppl {result['ppl']:.3f} (float {result['ppl_ref']:.3f})")
     return 0

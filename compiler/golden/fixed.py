@@ -83,10 +83,13 @@ def isqrt(v: np.ndarray) -> np.ndarray:
 
 def exp_neg_q30(d: np.ndarray) -> np.ndarray:
     """exp(d) in Q30 for Q16 inputs d <= 0 (I-BERT style: exp(d) = 2**(d log2 e) = 2**-q * 2**-r)."""
-    t = rshift_round(-np.asarray(d, np.int64) * LOG2E_Q30, Q30)      # -d*log2(e), Q16, >= 0
-    q, r = t >> Q, t & (ONE - 1)
-    r30 = r << (Q30 - Q)
-    acc = np.full(r.shape, EXP2_POLY[0], np.int64)
+    # exp(-64) < 2**-92 is 0 in Q30: clipping keeps -d*log2(e)*2**46 inside int64
+    t = -np.maximum(np.asarray(d, np.int64), -64 * ONE) * LOG2E_Q30   # -d*log2(e) in Q46, >= 0
+    q = t >> (Q + Q30)                                               # integer part
+    r30 = rshift_round(t & ((np.int64(1) << (Q + Q30)) - 1), Q)      # fraction in Q30
+    q = q + (r30 >> Q30)                                             # rounding carried into the integer
+    r30 = r30 & (ONE30 - 1)
+    acc = np.full(r30.shape, EXP2_POLY[0], np.int64)
     for c in EXP2_POLY[1:]:
         acc = (acc * r30 >> Q30) + c
     return np.where(q >= 62, 0, rshift_round(acc, np.minimum(q, 62)))
@@ -146,3 +149,25 @@ def mx_quantize(x: np.ndarray, bits: int = 8, block: int = MX_BLOCK) -> tuple[np
 
 def mx_block(d: int, block: int = MX_BLOCK) -> int:
     return block if d % block == 0 else (d if d < block else int(np.gcd(d, block)))
+
+
+EXACT_F64 = 1 << 53
+
+
+def int_matmul(a: np.ndarray, b: np.ndarray, bmax: int | None = None,
+               b_f64: np.ndarray | None = None) -> np.ndarray:
+    """Exact integer ``a @ b`` for int64 operands.
+
+    When max|a| * max|b| * K < 2**53 every product and partial sum is an integer that float64
+    represents exactly, so a float64 GEMM returns the exact integer result whatever its
+    summation order (identical on any IEEE-754 machine); otherwise int64 matmul is used. Both
+    routes give the same integers (tests/test_golden.py checks it).
+    """
+    k = a.shape[-1]
+    amax = int(np.max(np.abs(a))) if a.size else 0
+    if bmax is None:
+        bmax = int(np.max(np.abs(b))) if b.size else 0
+    if amax * bmax * max(k, 1) < EXACT_F64:
+        bf = b_f64 if b_f64 is not None else b.astype(np.float64)
+        return np.matmul(a.astype(np.float64), bf).astype(np.int64)
+    return np.matmul(a.astype(np.int64), b.astype(np.int64))

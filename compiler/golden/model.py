@@ -48,6 +48,16 @@ class IntLinear:
     mult: np.ndarray           # int64 [out]: row_scale ~= mult * 2**-shift
     shift: np.ndarray          # int64 [out]
     bias: np.ndarray | None    # Q16 int64 [out]
+    scaled_t: np.ndarray       # float64 [in, out]: codes * group_scale, exact integers (< 2**53)
+    scaled_max: int            # max |codes * group_scale|
+
+    @staticmethod
+    def build(codes, group_size, group_scale, mult, shift, bias) -> "IntLinear":
+        o_dim, i_dim = codes.shape
+        gs = np.repeat(group_scale, group_size, axis=1)[:, :i_dim]
+        scaled = codes * gs
+        return IntLinear(codes, group_size, group_scale, mult, shift, bias,
+                         np.ascontiguousarray(scaled.T, dtype=np.float64), int(np.max(np.abs(scaled))))
 
 
 class Golden:
@@ -78,8 +88,8 @@ class Golden:
         bias = None
         if len(op.inputs) > 2 and op.inputs[2]:
             bias = fx.to_fixed(self.graph.constants[op.inputs[2]])
-        return IntLinear(np.asarray(qt.codes, np.int64), int(qt.group_size),
-                         np.asarray(qt.group_scale, np.int64), mult, shift, bias)
+        return IntLinear.build(np.asarray(qt.codes, np.int64), int(qt.group_size),
+                               np.asarray(qt.group_scale, np.int64), mult, shift, bias)
 
     def const(self, name: str) -> np.ndarray:
         """A graph constant in golden's representation (float -> Q16, saturating; ints as they are)."""
@@ -155,15 +165,12 @@ def linear_int(gm: Golden, L: IntLinear, x: np.ndarray, what: str) -> np.ndarray
     unit = math.gcd(blk, L.group_size)
     nu = i_dim // unit
     units = np.arange(nu) * unit
-    gs = L.group_scale[:, units // L.group_size]           # [out, nu]
     su = sh[:, units // blk]                                # [T, nu]
     emin = su.min(axis=1)                                   # [T]
-    acc = np.zeros((X.shape[0], o_dim), np.int64)
-    xe = elems.reshape(-1, nu, unit)
-    ce = L.codes.reshape(o_dim, nu, unit)
-    for u in range(nu):
-        part = xe[:, u, :] @ ce[:, u, :].T                  # [T, out], exact int64
-        acc += (part * gs[None, :, u]) << (su[:, u] - emin)[:, None]
+    # fold the block exponents into x (the group scales are already folded into scaled_t):
+    # exact integers, so one product over the row gives sum_u gs * part_u * 2**(s_u - emin)
+    xs = (elems.reshape(-1, nu, unit) << (su - emin[:, None])[:, :, None]).reshape(-1, i_dim)
+    acc = fx.int_matmul(xs, L.scaled_t, bmax=L.scaled_max, b_f64=L.scaled_t)
     fx.check_acc(acc, what)
     y = fx.rshift_round(acc * L.mult[None, :], L.shift[None, :] - emin[:, None])
     if L.bias is not None:
@@ -313,7 +320,7 @@ def k_attention(gm: Golden, op: Op, q, k, v, mask=None):
     parts, exps = [], []
     for j in range(nb):
         sl = slice(j * b, (j + 1) * b)
-        parts.append(qe[..., sl] @ np.swapaxes(ke[..., sl], -1, -2))          # [B,H,S,T]
+        parts.append(fx.int_matmul(qe[..., sl], np.swapaxes(ke[..., sl], -1, -2)))  # [B,H,S,T]
         exps.append(qs[..., j][..., :, None] + ks[..., j][..., None, :])
     emin = np.minimum.reduce(exps)
     acc = sum(p << (e - emin) for p, e in zip(parts, exps))
@@ -333,6 +340,6 @@ def k_attention(gm: Golden, op: Op, q, k, v, mask=None):
         sl = slice(j * b, (j + 1) * b)
         vmin = vs[..., j].min(axis=-1)                                       # [B,H]
         v_al = ve[..., sl] << (vs[..., j] - vmin[..., None])[..., None]
-        acc_v = fx.check_acc(p @ v_al, f"{op.name} values", bits=63)
+        acc_v = fx.check_acc(fx.int_matmul(p, v_al), f"{op.name} values", bits=63)
         out[..., sl] = fx.rshift_round(acc_v, 15 - vmin[..., None, None])
     return fx.saturate32(out)

@@ -1,0 +1,68 @@
+"""Scoring a quantised model against the float model (KLD as llama.cpp defines it)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from .interp import run
+from .ir import Graph
+from .qmodel import QuantizedModel, window_feeds, windows
+
+PATHS = ("float", "golden")
+
+
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    z = np.asarray(z, np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def score(ref_logits: list[np.ndarray], q_logits: list[np.ndarray], targets: list[np.ndarray]) -> dict:
+    """Per position: KLD = sum p_ref (log p_ref - log p_q); top-1 agreement; perplexities.
+
+    ``*_logits`` are [positions, vocab] per window; ``targets`` the next token of each position.
+    """
+    klds, agree, nll_q, nll_r = [], [], [], []
+    for r, q, t in zip(ref_logits, q_logits, targets):
+        lr, lq = log_softmax(r), log_softmax(q)
+        klds.append(np.sum(np.exp(lr) * (lr - lq), axis=-1))
+        agree.append(lr.argmax(-1) == lq.argmax(-1))
+        idx = np.arange(len(t))
+        nll_q.append(-lq[idx, t])
+        nll_r.append(-lr[idx, t])
+    kld = np.concatenate(klds)
+    return {"tokens": int(kld.size), "kld_mean": float(kld.mean()), "kld_p99": float(np.percentile(kld, 99)),
+            "top1_agree": float(np.concatenate(agree).mean()),
+            "ppl": float(np.exp(np.concatenate(nll_q).mean())),
+            "ppl_ref": float(np.exp(np.concatenate(nll_r).mean()))}
+
+
+def evaluate(graph: Graph, qm: QuantizedModel, ids: np.ndarray, seq_len: int, *, path: str = "float",
+             max_tokens: int | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Score ``qm`` against ``graph`` on token ``ids`` in windows of ``seq_len``.
+
+    Every position of a window but the last predicts the next token of the window.
+    """
+    ids = np.asarray(ids).reshape(-1)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    wins = windows(ids, seq_len)
+    out = graph.outputs[0]
+    q_run = qm.float_graph() if path == "float" else qm.golden()
+    refs, qs, targets = [], [], []
+    for i, w in enumerate(wins):
+        feeds = window_feeds(graph, w)
+        refs.append(run(graph, feeds)[out].reshape(seq_len, -1)[:-1])
+        if path == "float":
+            qs.append(run(q_run, feeds)[out].reshape(seq_len, -1)[:-1])
+        else:
+            qs.append(q_run.run(feeds)[out].reshape(seq_len, -1)[:-1] / 65536.0)
+        targets.append(w[1:])
+        if progress:
+            progress(i + 1, len(wins))
+    result = score(refs, qs, targets)
+    report = qm.report()
+    return {"format": qm.config.fmt, "path": path, "bits_per_weight": report["bits_per_weight"],
+            "bits_per_weight_with_head": report["bits_per_weight_with_head"],
+            "group_size": qm.config.group_size, "windows": len(wins), "seq_len": seq_len, **result}

@@ -1,0 +1,220 @@
+"""Quantising a fused graph: calibration statistics, the quantisation pass over ``linear``
+weights, the float ("fake-quant") graph, and the integer golden model of the result."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+
+from .errors import TapeoutError
+from .golden.model import Golden, GoldenConfig
+from .interp import run
+from .ir import Graph, Op
+from .quant import QuantTensor, quantize
+from .quant.formats import resolve_format
+from .structure import recognise
+
+
+# --- feeds ------------------------------------------------------------------------------------
+def token_input(graph: Graph) -> str:
+    """The name of the token-id input of a prefill graph; other inputs must be fillable."""
+    ids = [n for n in graph.inputs if np.dtype(graph.tensors[n].dtype).kind in "iu"
+           and "mask" not in n and "position" not in n]
+    floats = [n for n in graph.inputs if np.dtype(graph.tensors[n].dtype).kind == "f"]
+    if len(ids) != 1 or floats:
+        raise TapeoutError("needs a prefill export whose inputs are input_ids (plus optional "
+                           f"attention_mask / position_ids); this model has {graph.inputs}",
+                           file=graph.meta.get("file"))
+    return ids[0]
+
+
+def window_feeds(graph: Graph, window: np.ndarray) -> dict[str, np.ndarray]:
+    """Feeds for one window of token ids: ids, an all-ones mask, positions 0..S-1."""
+    tok = token_input(graph)
+    feeds = {}
+    for name in graph.inputs:
+        info = graph.tensors[name]
+        if name == tok:
+            feeds[name] = window.reshape(info.shape).astype(info.dtype)
+        elif "position" in name:
+            feeds[name] = np.broadcast_to(np.arange(info.shape[-1]), info.shape).astype(info.dtype)
+        else:
+            feeds[name] = np.ones(info.shape, info.dtype)
+    return feeds
+
+
+def windows(ids: np.ndarray, seq_len: int) -> list[np.ndarray]:
+    """Non-overlapping windows of ``seq_len`` tokens (a trailing partial window is dropped)."""
+    ids = np.asarray(ids).reshape(-1)
+    return [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
+
+
+def seq_len_of(graph: Graph) -> int:
+    return int(graph.tensors[token_input(graph)].shape[-1])
+
+
+# --- calibration ------------------------------------------------------------------------------
+@dataclass
+class CalibStats:
+    """Per linear-input tensor: mean of x^2 per feature (and X^T X / n when asked)."""
+
+    act_sq: dict[str, np.ndarray] = field(default_factory=dict)
+    hessian: dict[str, np.ndarray] = field(default_factory=dict)
+    tokens: int = 0
+
+
+def linear_ops(graph: Graph) -> list[Op]:
+    return [op for op in graph.ops if op.kind == "linear"]
+
+
+def calibrate(graph: Graph, token_windows: Iterable[np.ndarray], *, hessian: bool = False,
+              progress: Callable[[int], None] | None = None) -> CalibStats:
+    """Run the float graph on calibration windows and collect linear-input statistics."""
+    wanted = {op.inputs[0] for op in linear_ops(graph)}
+    stats = CalibStats()
+    sums: dict[str, np.ndarray] = {}
+    hs: dict[str, np.ndarray] = {}
+    count = 0
+
+    def keep(name: str, value: np.ndarray) -> None:
+        if name not in wanted:
+            return
+        x = np.asarray(value, np.float64).reshape(-1, value.shape[-1])
+        sums[name] = sums.get(name, 0) + np.sum(x * x, axis=0)
+        if hessian:
+            hs[name] = hs.get(name, 0) + x.T @ x
+
+    for i, w in enumerate(token_windows):
+        run(graph, window_feeds(graph, w), keep=keep)
+        count += w.size
+        if progress:
+            progress(i)
+    if count == 0:
+        raise TapeoutError("calibration text is shorter than one window of the model's sequence "
+                           "length; give a longer --calib text", file=graph.meta.get("file"))
+    stats.tokens = count
+    stats.act_sq = {k: v / count for k, v in sums.items()}
+    stats.hessian = {k: v / count for k, v in hs.items()}
+    return stats
+
+
+# --- the quantisation pass --------------------------------------------------------------------
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to quantise and how. ``head_format`` applies to the LM head unless
+    ``quantize_head`` puts it in ``fmt`` too; the embedding table stays as it is."""
+
+    fmt: str
+    group_size: int | None = None
+    bits: int | None = None
+    outlier_frac: float = 0.01
+    gptq: bool = False
+    quantize_head: bool = False
+    head_format: str = "int8"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fmt", resolve_format(self.fmt, self.bits))
+        object.__setattr__(self, "bits", None)
+        if not 0.0 <= self.outlier_frac <= 1.0:
+            raise TapeoutError(f"--outlier-frac must be in [0, 1], not {self.outlier_frac}")
+        if self.group_size is not None and self.group_size < 1:
+            raise TapeoutError(f"--group must be a positive integer, not {self.group_size}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.fmt == "w3o6" or self.gptq
+
+
+def weight_matrix(graph: Graph, op: Op) -> np.ndarray:
+    """The weight of a linear as [out, in] (a view; no copy)."""
+    w = graph.constants[op.inputs[1]]
+    return w if op.attr("trans_w", False) else w.T
+
+
+@dataclass
+class QuantizedModel:
+    graph: Graph
+    config: QuantConfig
+    weights: dict[str, QuantTensor]
+    roles: dict[str, str]
+
+    def float_graph(self) -> Graph:
+        """The graph with every linear weight replaced by its dequantised value (float path)."""
+        g = self.graph.copy()
+        for name, qt in self.weights.items():
+            op = g.op(name)
+            dq = qt.dequantize()
+            new = g.fresh_name(f"{op.inputs[1]}_dq")
+            g.add_constant(new, dq if op.attr("trans_w", False) else np.ascontiguousarray(dq.T))
+            g.replace_op(op.replace(inputs=(op.inputs[0], new) + op.inputs[2:]))
+        return g
+
+    def golden(self, config: GoldenConfig = GoldenConfig()) -> Golden:
+        return Golden(self.graph, self.weights, config)
+
+    def report(self) -> dict:
+        """Per tensor and total: format, bits per weight, outlier fraction, relative error."""
+        rows, total_bits, total_w, body_bits, body_w = [], 0, 0, 0, 0
+        for name, qt in self.weights.items():
+            w = np.asarray(weight_matrix(self.graph, self.graph.op(name)), np.float64)
+            err = qt.dequantize().astype(np.float64) - w
+            bits = int(qt.bits()["total"])
+            row = {"op": name, "role": self.roles.get(name, "other"), "format": qt.fmt,
+                   "shape": list(qt.shape), "group_size": qt.group_size, "bits": bits,
+                   "bits_per_weight": round(bits / w.size, 4),
+                   "outlier_fraction": round(float(qt.outliers.mean()), 6) if qt.outliers is not None else 0.0,
+                   "rel_error": float(np.linalg.norm(err) / max(np.linalg.norm(w), 1e-30))}
+            rows.append(row)
+            total_bits += bits
+            total_w += w.size
+            if row["role"] != "lm_head":
+                body_bits += bits
+                body_w += w.size
+        return {"format": self.config.fmt, "group_size": self.config.group_size,
+                "outlier_frac": self.config.outlier_frac if self.config.fmt == "w3o6" else None,
+                "head_format": self.config.fmt if self.config.quantize_head else self.config.head_format,
+                "bits_per_weight": round(body_bits / max(body_w, 1), 4),
+                "bits_per_weight_with_head": round(total_bits / max(total_w, 1), 4),
+                "weights": body_w, "tensors": rows}
+
+
+def linear_roles(graph: Graph) -> dict[str, str]:
+    s = recognise(graph)["structure"]
+    roles = {}
+    for b in s["blocks"]:
+        for role, info in b["linears"].items():
+            roles[info["op"]] = f"layers.{b['index']}.{role}"
+    for x in s["other_linears"]:
+        roles[x["op"]] = x["role"]
+    return roles
+
+
+def quantize_model(graph: Graph, config: QuantConfig, stats: CalibStats | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> QuantizedModel:
+    """Quantise every ``linear`` weight of ``graph`` (the LM head per ``config``)."""
+    if config.needs_calibration and stats is None:
+        raise TapeoutError(f"format {config.fmt} needs calibration statistics (activation-aware)")
+    roles = linear_roles(graph)
+    ops = linear_ops(graph)
+    weights = {}
+    for i, op in enumerate(ops):
+        w = np.asarray(weight_matrix(graph, op), np.float32)
+        head = roles.get(op.name) == "lm_head" and not config.quantize_head
+        kwargs: dict = {}
+        fmt = config.head_format if head else config.fmt
+        if not head:
+            kwargs = {"group_size": config.group_size, "bits": config.bits}
+            if fmt == "w3o6":
+                kwargs["outlier_frac"] = config.outlier_frac
+            if stats is not None and op.inputs[0] in stats.act_sq:
+                kwargs["act_sq"] = stats.act_sq[op.inputs[0]]
+                if config.gptq and op.inputs[0] in stats.hessian:
+                    kwargs.update(hessian=stats.hessian[op.inputs[0]], gptq=True)
+        try:
+            weights[op.name] = quantize(w, fmt, **{k: v for k, v in kwargs.items() if v is not None})
+        except TapeoutError as e:
+            raise TapeoutError(f"{e}", file=graph.meta.get("file"), node=op.name, op="linear") from None
+        if progress:
+            progress(i, len(ops))
+    return QuantizedModel(graph, config, weights, roles)
