@@ -24,8 +24,9 @@ demo: $(STAMP)
 	$(VENV)/bin/tapeout compile $$(cat .cache/demo-model.txt) -o out/demo
 	@echo "results: out/demo/ (graph.txt, graph.json, manifest.json)"
 
+# two xdist workers on two cores: one BLAS thread each (spinning BLAS threads oversubscribe)
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
+	OPENBLAS_NUM_THREADS=1 $(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)

@@ -15,6 +15,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     tiny = load_models_module("tiny")
     for fam, exp, opset, var in TINY_CASES:
         tiny.export(fam, exp, opset, var)
+    for seq in (8, 9):  # the golden KV-cache test pairs prefill(8)+decode with prefill(9)
+        tiny.export("llama", "dynamo", 20, "prefill", seq_len=seq)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import numpy as np
 
 from ..errors import TapeoutError
 from .fp4 import plan_mxfp4, plan_nvfp4
-from .gptq import gptq_codes, obs_importance
+from .gptq import gptq_codes
 from .intq import plan_int
 from .tensor import FP4_BLOCK, QuantTensor
 from .w3o6 import plan_w3o6
@@ -119,8 +119,7 @@ def quantize(w: np.ndarray, fmt: str, *, group_size: int | None = None, bits: in
     elif fmt == "nvfp4":
         plan = plan_nvfp4(w)
     elif fmt == "w3o6":
-        saliency = obs_importance(hessian) if gptq else None
-        plan = plan_w3o6(w64, group_size, imp, float(outlier_frac), rtn, saliency)
+        plan = plan_w3o6(w64, group_size, imp, float(outlier_frac), rtn)
     else:
         plan = plan_int(w64, int(fmt[3:]), group_size, imp, rtn)
     codes = gptq_codes(w64, hessian, plan) if gptq else plan.round(w64)

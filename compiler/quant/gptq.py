@@ -26,13 +26,6 @@ def inverse_hessian_factor(hessian: np.ndarray, damp: float = DAMP) -> np.ndarra
     return np.linalg.cholesky(lower_inv.T @ lower_inv).T
 
 
-def obs_importance(hessian: np.ndarray) -> np.ndarray:
-    """1 / [H^-1]_ii: the output error one unit of weight error on input i costs after the other
-    weights compensate (the OBS saliency denominator SpQR uses)."""
-    u = inverse_hessian_factor(hessian)
-    return 1.0 / np.einsum("ji,ji->i", u, u)
-
-
 def gptq_codes(w: np.ndarray, hessian: np.ndarray, plan: Plan, *, act_order: bool = True,
                block: int = BLOCK) -> np.ndarray:
     """Integer codes [out, in] of ``w`` rounded column by column against ``plan``."""

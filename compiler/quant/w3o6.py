@@ -21,9 +21,11 @@ W3O6_ALPHAS = np.linspace(0.3, 1.2, 19)
 SELECT_ROUNDS = 2        # saliency -> outliers -> scales, repeated (scales move when outliers leave)
 
 
-def w3o6_rounder(ratio: int = W3O6_RATIO):
-    """Codes on the fine step u: base weights ratio * clip(rint(w / (ratio u)), -4, 3), outliers
-    clip(rint(w / u), -32, 31)."""
+def w3o6_rounder():
+    """Codes on the fine step u: base weights 4 * clip(rint(w / (4 u)), -4, 3), outliers
+    clip(rint(w / u), -32, 31); rint is round-half-to-even."""
+    ratio = W3O6_RATIO
+
     def rounder(w, step, mask=None):
         base = ratio * np.clip(np.rint(safe_div(w, ratio * step)), *W3O6_BASE)
         if mask is None:
@@ -34,11 +36,12 @@ def w3o6_rounder(ratio: int = W3O6_RATIO):
 
 def default_cap(k: int, groups: int, group_size: int) -> int:
     """Largest outlier count a group may hold: 2**b - 1 for the smallest count width b that
-    leaves room for four times the average, so busy groups can take more than their share."""
+    leaves room for twice the average, so busy groups can take more than their share while
+    the per-group count field stays narrow (docs/formats.md has the measurement)."""
     if k == 0:
         return 0
-    width = max(1, math.ceil(math.log2(4 * k / groups + 1)))
-    return min(group_size, (1 << width) - 1, max(k, 1))
+    width = max(1, math.ceil(math.log2(2 * k / groups + 1)))
+    return max(min(group_size, (1 << width) - 1), math.ceil(k / groups))
 
 
 def select_outliers(saliency: np.ndarray, k: int, cap: int) -> np.ndarray:
@@ -59,19 +62,16 @@ def select_outliers(saliency: np.ndarray, k: int, cap: int) -> np.ndarray:
     return mask.reshape(saliency.shape)
 
 
-def plan_w3o6(w: np.ndarray, group_size: int, imp: np.ndarray, outlier_frac: float, rtn: bool,
-              saliency_imp: np.ndarray | None = None, *, ratio: int = W3O6_RATIO,
-              cap: int | None = None, rounds: int = SELECT_ROUNDS) -> Plan:
-    """Outliers and scales of w3o6. ``imp`` weights the scale search (act_sq); ``saliency_imp``
-    (default ``imp``) weights the outlier choice."""
+def plan_w3o6(w: np.ndarray, group_size: int, imp: np.ndarray, outlier_frac: float,
+              rtn: bool, *, cap: int | None = None, rounds: int = SELECT_ROUNDS) -> Plan:
+    """Outliers and scales of w3o6; ``imp`` (act_sq) weights both the outlier saliency and the
+    scale search. Exactly round(outlier_frac * out * in) outliers, at most ``cap`` per group."""
     out, n_in = w.shape
-    rounder = w3o6_rounder(ratio)
+    ratio, rounder = W3O6_RATIO, w3o6_rounder()
     w3, imp3 = grouped(w, group_size), imp.reshape(-1, group_size)
-    sal3 = (imp if saliency_imp is None else saliency_imp).reshape(-1, group_size)
     groups = out * (n_in // group_size)
     k = int(round(outlier_frac * out * n_in))
-    cap = default_cap(k, groups, group_size) if cap is None else cap
-    cap = max(cap, math.ceil(k / groups)) if k else 0
+    cap = default_cap(k, groups, group_size) if cap is None else max(cap, math.ceil(k / groups))
     mask3 = np.zeros(w3.shape, dtype=bool)
 
     def base_step(mask3):
@@ -88,7 +88,7 @@ def plan_w3o6(w: np.ndarray, group_size: int, imp: np.ndarray, outlier_frac: flo
         s3 = step[:, :, None]
         e3 = (w3 - rounder(w3, s3) * s3) ** 2
         e6 = (w3 - np.clip(np.rint(safe_div(w3, s3)), *W3O6_OUTLIER) * s3) ** 2
-        mask3 = select_outliers((e3 - e6) * sal3, k, cap)
+        mask3 = select_outliers((e3 - e6) * imp3, k, cap)
         step = base_step(mask3)
     if rtn:
         group_scale, row_scale = integer_group_scales(step)
