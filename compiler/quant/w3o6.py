@@ -75,10 +75,11 @@ def plan_w3o6(w: np.ndarray, group_size: int, imp: np.ndarray, outlier_frac: flo
     mask3 = np.zeros(w3.shape, dtype=bool)
 
     def base_step(mask3):
-        # fine step u = s / ratio, with s from absmax of the base weights (or a clip search)
+        # fine step u = s / 4 with s = absmax(base weights) / 3.5, then (rtn=False) a clip search;
+        # a group whose base weights are all zero sizes u for its outliers instead
         amax = np.where(mask3, 0, np.abs(w3)).max(axis=2)
-        amax = np.where(amax > 0, amax, np.abs(w3).max(axis=2) / (2 * ratio))
-        step = amax / (-W3O6_BASE[0] - 0.5) / ratio
+        step = np.where(amax > 0, amax / (-W3O6_BASE[0] - 0.5) / ratio,
+                        np.abs(w3).max(axis=2) / (W3O6_OUTLIER[1] + 0.5))
         if rtn:
             return step
         return search_steps(w3, imp3, step, rounder, W3O6_ALPHAS, mask3)
