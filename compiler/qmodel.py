@@ -2,6 +2,7 @@
 weights, the float ("fake-quant") graph, and the integer golden model of the result."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -112,6 +113,7 @@ class QuantConfig:
     gptq: bool = False
     quantize_head: bool = False
     head_format: str = "int8"
+    group_fallback: bool = False     # a group that does not divide a layer's inputs -> gcd(in, group)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fmt", resolve_format(self.fmt, self.bits))
@@ -204,7 +206,10 @@ def quantize_model(graph: Graph, config: QuantConfig, stats: CalibStats | None =
         kwargs: dict = {}
         fmt = config.head_format if head else config.fmt
         if not head:
-            kwargs = {"group_size": config.group_size, "bits": config.bits}
+            group = config.group_size
+            if group is not None and config.group_fallback and w.shape[1] % group:
+                group = math.gcd(w.shape[1], group)
+            kwargs = {"group_size": group, "bits": config.bits}
             if fmt == "w3o6":
                 kwargs["outlier_frac"] = config.outlier_frac
             if stats is not None and op.inputs[0] in stats.act_sq:

@@ -102,6 +102,9 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
                    help="w3o6 | mxfp4 | nvfp4 | int4 | int8 (also int2..int8); see docs/formats.md")
     g.add_argument("--group", type=int, metavar="G", help="group size along the input features for the "
                    "int formats (default: per channel) and w3o6 (default 64)")
+    g.add_argument("--group-fallback", action="store_true",
+                   help="where --group does not divide a layer's input features, use gcd(features, group) "
+                        "instead of failing (e.g. g128 on 576-wide layers becomes g64)")
     g.add_argument("--outlier-frac", type=float, default=0.01, metavar="X",
                    help="w3o6: fraction of weights held at 6 bits (default 0.01)")
     g.add_argument("--gptq", action="store_true", help="GPTQ-style error compensation from calibration")

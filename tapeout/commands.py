@@ -116,7 +116,7 @@ def _quantized(args: argparse.Namespace, progress: Progress):
     from tapeout.compiler.frontend import frontend
     from tapeout.compiler.qmodel import QuantConfig, calibrate, quantize_model, seq_len_of, windows
     config = QuantConfig(args.format, group_size=args.group, outlier_frac=args.outlier_frac,
-                         gptq=args.gptq, quantize_head=args.quantize_head)
+                         gptq=args.gptq, quantize_head=args.quantize_head, group_fallback=args.group_fallback)
     model = Path(args.model)
     graph = frontend(model, binding_from_args(args), step=progress.step)
     seq = seq_len_of(graph)
@@ -156,8 +156,8 @@ def cmd_quantize(args: argparse.Namespace, progress: Progress) -> int:
         out.write_json("weights/index.json", index)
         out.write_json("quant_report.json", report)
         manifest = {"tool": "tapeout", "version": __version__, "command": "quantize",
-                    "options": {k: getattr(args, k) for k in ("format", "group", "outlier_frac", "gptq",
-                                                              "quantize_head", "calib_max_tokens")},
+                    "options": {k: getattr(args, k) for k in ("format", "group", "group_fallback", "outlier_frac",
+                                                              "gptq", "quantize_head", "calib_max_tokens")},
                     "input": {"model": model.name, "sha256": input_hashes(model)}}
         path = out.commit(manifest)
     print(f"wrote {path}/: {len(qm.weights)} tensors in {config.fmt}, {report['bits_per_weight']:.3f} bits/weight "

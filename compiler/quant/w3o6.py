@@ -72,7 +72,6 @@ def plan_w3o6(w: np.ndarray, group_size: int, imp: np.ndarray, outlier_frac: flo
     groups = out * (n_in // group_size)
     k = int(round(outlier_frac * out * n_in))
     cap = default_cap(k, groups, group_size) if cap is None else max(cap, math.ceil(k / groups))
-    mask3 = np.zeros(w3.shape, dtype=bool)
 
     def base_step(mask3):
         # fine step u = s / 4 with s = absmax(base weights) / 3.5, then (rtn=False) a clip search;
@@ -84,6 +83,9 @@ def plan_w3o6(w: np.ndarray, group_size: int, imp: np.ndarray, outlier_frac: flo
             return step
         return search_steps(w3, imp3, step, rounder, W3O6_ALPHAS, mask3)
 
+    # start from the |w| * sqrt(act_sq) outliers: a weight that sets its group's absmax looks
+    # harmless under the scale it sets, so the error saliency needs a scale without it first
+    mask3 = select_outliers(np.abs(w3) * np.sqrt(imp3), k, cap)
     step = base_step(mask3)
     for _ in range(rounds if k else 0):
         s3 = step[:, :, None]
