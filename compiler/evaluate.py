@@ -38,11 +38,19 @@ def score(ref_logits: list[np.ndarray], q_logits: list[np.ndarray], targets: lis
             "ppl_ref": float(np.exp(np.concatenate(nll_r).mean()))}
 
 
+def reference_logits(graph: Graph, wins: list[np.ndarray]) -> list[np.ndarray]:
+    """Float-model logits of each window's positions but the last (they have a next token)."""
+    out = graph.outputs[0]
+    return [run(graph, window_feeds(graph, w))[out].reshape(len(w), -1)[:-1] for w in wins]
+
+
 def evaluate(graph: Graph, qm: QuantizedModel, ids: np.ndarray, seq_len: int, *, path: str = "float",
-             max_tokens: int | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
+             max_tokens: int | None = None, refs: list[np.ndarray] | None = None,
+             progress: Callable[[int, int], None] | None = None) -> dict:
     """Score ``qm`` against ``graph`` on token ``ids`` in windows of ``seq_len``.
 
-    Every position of a window but the last predicts the next token of the window.
+    Every position of a window but the last predicts the next token of the window. ``refs``
+    (from :func:`reference_logits` on the same windows) saves recomputing the float model.
     """
     ids = np.asarray(ids).reshape(-1)
     if max_tokens is not None:
@@ -50,10 +58,11 @@ def evaluate(graph: Graph, qm: QuantizedModel, ids: np.ndarray, seq_len: int, *,
     wins = windows(ids, seq_len)
     out = graph.outputs[0]
     q_run = qm.float_graph() if path == "float" else qm.golden()
-    refs, qs, targets = [], [], []
+    if refs is None:
+        refs = reference_logits(graph, wins)
+    qs, targets = [], []
     for i, w in enumerate(wins):
         feeds = window_feeds(graph, w)
-        refs.append(run(graph, feeds)[out].reshape(seq_len, -1)[:-1])
         if path == "float":
             qs.append(run(q_run, feeds)[out].reshape(seq_len, -1)[:-1])
         else:

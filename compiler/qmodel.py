@@ -111,6 +111,7 @@ class QuantConfig:
     bits: int | None = None
     outlier_frac: float = 0.01
     gptq: bool = False
+    rtn: bool = False                # plain round-to-nearest from absmax scales (the baselines)
     quantize_head: bool = False
     head_format: str = "int8"
     group_fallback: bool = False     # a group that does not divide a layer's inputs -> gcd(in, group)
@@ -209,7 +210,7 @@ def quantize_model(graph: Graph, config: QuantConfig, stats: CalibStats | None =
             group = config.group_size
             if group is not None and config.group_fallback and w.shape[1] % group:
                 group = math.gcd(w.shape[1], group)
-            kwargs = {"group_size": group, "bits": config.bits}
+            kwargs = {"group_size": group, "bits": config.bits, "rtn": config.rtn or None}
             if fmt == "w3o6":
                 kwargs["outlier_frac"] = config.outlier_frac
             if stats is not None and op.inputs[0] in stats.act_sq:

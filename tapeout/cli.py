@@ -108,6 +108,8 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--outlier-frac", type=float, default=0.01, metavar="X",
                    help="w3o6: fraction of weights held at 6 bits (default 0.01)")
     g.add_argument("--gptq", action="store_true", help="GPTQ-style error compensation from calibration")
+    g.add_argument("--rtn", action="store_true", help="plain round-to-nearest from absmax scales (no clip "
+                   "search): the int baselines")
     g.add_argument("--quantize-head", action="store_true", help="quantise the LM head in --format too "
                    "(default: int8 per channel)")
     g.add_argument("--tokenizer", metavar="T", help="tokenizer.json or a folder holding one (default: "

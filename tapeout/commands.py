@@ -116,7 +116,8 @@ def _quantized(args: argparse.Namespace, progress: Progress):
     from tapeout.compiler.frontend import frontend
     from tapeout.compiler.qmodel import QuantConfig, calibrate, quantize_model, seq_len_of, windows
     config = QuantConfig(args.format, group_size=args.group, outlier_frac=args.outlier_frac,
-                         gptq=args.gptq, quantize_head=args.quantize_head, group_fallback=args.group_fallback)
+                         gptq=args.gptq, rtn=args.rtn, quantize_head=args.quantize_head,
+                         group_fallback=args.group_fallback)
     model = Path(args.model)
     graph = frontend(model, binding_from_args(args), step=progress.step)
     seq = seq_len_of(graph)
@@ -157,7 +158,7 @@ def cmd_quantize(args: argparse.Namespace, progress: Progress) -> int:
         out.write_json("quant_report.json", report)
         manifest = {"tool": "tapeout", "version": __version__, "command": "quantize",
                     "options": {k: getattr(args, k) for k in ("format", "group", "group_fallback", "outlier_frac",
-                                                              "gptq", "quantize_head", "calib_max_tokens")},
+                                                              "gptq", "rtn", "quantize_head", "calib_max_tokens")},
                     "input": {"model": model.name, "sha256": input_hashes(model)}}
         path = out.commit(manifest)
     print(f"wrote {path}/: {len(qm.weights)} tensors in {config.fmt}, {report['bits_per_weight']:.3f} bits/weight "

@@ -8,7 +8,7 @@ from tapeout.compiler.frontend import frontend
 from tapeout.compiler.interp import run
 from tapeout.compiler.structure import recognise
 
-from _support import load_models_module
+from _support import REPO, load_models_module
 
 pytestmark = pytest.mark.slow
 
@@ -54,3 +54,27 @@ def test_float_interpreter_matches_onnxruntime(smol, graph):
     assert float(np.max(np.abs(got - ref))) <= TOL
     assert np.array_equal(got.argmax(-1), ref.argmax(-1))
     assert tok.decode([int(got[0, n - 1].argmax())]).strip() == "Paris"
+
+
+def greedy_golden(qm, tok, prompt, steps, seq=16):
+    """Greedy generation through the integer model with a right-padded prefill window
+    (causal: padding after the last real token does not change earlier positions)."""
+    gm = qm.golden()
+    ids = list(tok(prompt)["input_ids"])
+    for _ in range(steps):
+        x = np.zeros((1, seq), np.int64)
+        x[0, : len(ids)] = ids
+        logits = gm.run({"input_ids": x})["logits"]
+        ids.append(int(np.argmax(logits[0, len(ids) - 1])))
+    return tok.decode(ids)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "nvfp4", "w3o6"])
+def test_golden_greedy_generation_says_paris(smol, graph, fmt):
+    from tapeout.compiler.qmodel import QuantConfig, calibrate, quantize_model, windows
+    _, _, tok = smol
+    calib = np.array(tok(open(REPO / "compiler/data/calib.txt").read())["input_ids"])
+    stats = calibrate(graph, windows(calib[:512], 16)) if fmt == "w3o6" else None
+    qm = quantize_model(graph, QuantConfig(fmt), stats)
+    text = greedy_golden(qm, tok, "The capital of France is", 3)
+    assert "Paris" in text, text

@@ -83,9 +83,7 @@ def plan_w3o6(w: np.ndarray, group_size: int, imp: np.ndarray, outlier_frac: flo
             return step
         return search_steps(w3, imp3, step, rounder, W3O6_ALPHAS, mask3)
 
-    # start from the |w| * sqrt(act_sq) outliers: a weight that sets its group's absmax looks
-    # harmless under the scale it sets, so the error saliency needs a scale without it first
-    mask3 = select_outliers(np.abs(w3) * np.sqrt(imp3), k, cap)
+    mask3 = np.zeros(w3.shape, dtype=bool)
     step = base_step(mask3)
     for _ in range(rounds if k else 0):
         s3 = step[:, :, None]
