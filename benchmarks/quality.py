@@ -33,7 +33,7 @@ ROWS = [  # name, QuantConfig keyword arguments, path
     ("int4-g128 RTN *", dict(fmt="int4", group_size=128, group_fallback=True, rtn=True), "float"),
     ("int3-g64 RTN", dict(fmt="int3", group_size=64, rtn=True), "float"),
     ("w3o6 1% outliers", dict(fmt="w3o6", outlier_frac=0.01), "float"),
-    ("w3o6 3% outliers", dict(fmt="w3o6", outlier_frac=0.03), "float"),
+    ("w3o6 3% outliers GPTQ", dict(fmt="w3o6", outlier_frac=0.03, gptq=True), "float"),
     ("mxfp4", dict(fmt="mxfp4"), "float"),
     ("nvfp4", dict(fmt="nvfp4"), "float"),
     ("w3o6 1% outliers", dict(fmt="w3o6", outlier_frac=0.01), "golden"),
@@ -64,7 +64,7 @@ def main() -> None:
     t0 = time.perf_counter()
     graph = frontend(model)
     seq = seq_len_of(graph)
-    stats = calibrate(graph, windows(calib_ids, seq))
+    stats = calibrate(graph, windows(calib_ids, seq), hessian=True)
     wins = windows(eval_ids, seq)
     refs = reference_logits(graph, wins)
     print(f"model {model.name}: windows of {seq}; calibration {stats.tokens} tokens "
@@ -99,7 +99,7 @@ def main() -> None:
     def row(name, path="float"):
         return next(r for r in results if r["name"] == name and r["path"] == path)
 
-    w1, w3 = row("w3o6 1% outliers"), row("w3o6 3% outliers")
+    w1, w3 = row("w3o6 1% outliers"), row("w3o6 3% outliers GPTQ")
     int3, int4 = row("int3-g64 RTN"), row("int4-g128 RTN *")
     print("\nclaims (issue 3):")
     for w in (w1, w3):

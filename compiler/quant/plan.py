@@ -18,6 +18,7 @@ from .tensor import GROUP_SCALE_BITS, QuantTensor
 Rounder = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], np.ndarray]
 
 GROUP_SCALE_MAX = (1 << GROUP_SCALE_BITS) - 1
+CHUNK = 1 << 20             # weights per slice of the error evaluation
 
 
 @dataclass
@@ -55,9 +56,14 @@ def grouped(a: np.ndarray, group_size: int) -> np.ndarray:
 def group_error(w3: np.ndarray, imp3: np.ndarray, step: np.ndarray, rounder: Rounder,
                 mask3: np.ndarray | None = None) -> np.ndarray:
     """Importance-weighted squared error per group, [out, n_groups], for steps [out, n_groups]."""
-    step3 = step[:, :, None]
-    q = rounder(w3, step3, mask3) * step3
-    return np.einsum("ogi,gi->og", (w3 - q) ** 2, imp3)
+    err = np.empty(step.shape)
+    rows = max(1, CHUNK // (w3.shape[1] * w3.shape[2]))     # bound the temporaries
+    for r in range(0, w3.shape[0], rows):
+        part = slice(r, r + rows)
+        step3 = step[part, :, None]
+        q = rounder(w3[part], step3, None if mask3 is None else mask3[part]) * step3
+        err[part] = np.einsum("ogi,gi->og", (w3[part] - q) ** 2, imp3)
+    return err
 
 
 def search_steps(w3: np.ndarray, imp3: np.ndarray, step0: np.ndarray, rounder: Rounder,
