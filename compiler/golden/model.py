@@ -67,8 +67,10 @@ class Golden:
     ``group_size``, ``group_scale``, ``row_scale``) with rows = output channels.
     """
 
-    def __init__(self, graph: Graph, weights: Mapping[str, object], config: GoldenConfig = GoldenConfig()):
+    def __init__(self, graph: Graph, weights: Mapping[str, object], config: GoldenConfig = GoldenConfig(),
+                 *, linear_fn: Callable | None = None):
         self.graph, self.config = graph, config
+        self.linear_fn = linear_fn    # a backend's model of a linear (same signature as linear_int)
         self.linears: dict[str, IntLinear] = {}
         self.consts: dict[str, np.ndarray] = {}
         missing = [op.name for op in graph.ops if op.kind == "linear" and op.name not in weights]
@@ -84,10 +86,13 @@ class Golden:
 
     # --- compile time: float side data -> integer constants --------------------------------------
     def _int_linear(self, op: Op, qt) -> IntLinear:
-        mult, shift = fx.multiplier(np.asarray(qt.row_scale, np.float64))
-        bias = None
-        if len(op.inputs) > 2 and op.inputs[2]:
-            bias = fx.to_fixed(self.graph.constants[op.inputs[2]])
+        if hasattr(qt, "mult"):      # already integer (read back from a chip's ROM)
+            mult, shift, bias = qt.mult, qt.shift, qt.bias
+        else:
+            mult, shift = fx.multiplier(np.asarray(qt.row_scale, np.float64))
+            bias = None
+            if len(op.inputs) > 2 and op.inputs[2]:
+                bias = fx.saturate32(fx.to_fixed(self.graph.constants[op.inputs[2]]))
         return IntLinear.build(np.asarray(qt.codes, np.int64), int(qt.group_size),
                                np.asarray(qt.group_scale, np.int64), mult, shift, bias)
 
@@ -180,7 +185,8 @@ def linear_int(gm: Golden, L: IntLinear, x: np.ndarray, what: str) -> np.ndarray
 
 @kernel("linear")
 def k_linear(gm: Golden, op: Op, x, w, b=None):
-    return linear_int(gm, gm.linears[op.name], x, op.name)
+    fn = gm.linear_fn or linear_int
+    return fn(gm, gm.linears[op.name], x, op.name)
 
 
 @kernel("Add")

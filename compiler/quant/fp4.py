@@ -52,11 +52,12 @@ def plan_mxfp4(w: np.ndarray) -> Plan:
 
 
 def nv_tensor_scale(w: np.ndarray) -> np.float32:
-    """FP32 per-tensor scale amax / (6 * 448), so the largest block scale is E4M3's maximum."""
+    """FP32 per-tensor scale amax / (6 * 448), so the largest block scale is E4M3's maximum
+    (1 for an all-zero tensor; never below the smallest float32 subnormal)."""
     amax = np.float32(np.abs(w).max(initial=0))
     if amax == 0:
         return np.float32(1.0)
-    return amax / np.float32(E2M1_MAX * E4M3_MAX)
+    return max(amax / np.float32(E2M1_MAX * E4M3_MAX), np.float32(2.0 ** -149))
 
 
 def nv_block_bytes(w: np.ndarray, tensor_scale: np.float32) -> np.ndarray:
