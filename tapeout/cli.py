@@ -66,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL.onnx")
     p.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder (replaced if it "
                    "is an earlier tapeout output)")
+    p.add_argument("--target", choices=("none", "maskrom"), default="none",
+                   help="backend: maskrom (base die + two via layers, docs/layout.md); none: graph only")
+    p.add_argument("--base", metavar="NAME", help="maskrom: a named base die (default: the smallest that fits)")
+    p.add_argument("--context", type=int, default=2048, metavar="N",
+                   help="maskrom: KV-cache length the SRAM must hold (default 2048)")
+    p.add_argument("--gds-tiles", metavar="LIST", default="0",
+                   help="maskrom: tiles written to layout/tiles.gds, e.g. 0,5,17 or 'all' (default 0)")
+    _add_quant_options(p, required=False)
     _add_binding_options(p)
 
     p = sub.add_parser("quantize", help="quantise the linear weights into OUT/",
@@ -96,9 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_quant_options(p: argparse.ArgumentParser) -> None:
+def _add_quant_options(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("quantisation")
-    g.add_argument("--format", required=True, metavar="F",
+    g.add_argument("--format", required=required, metavar="F",
                    help="w3o6 | mxfp4 | nvfp4 | int4 | int8 (also int2..int8); see docs/formats.md")
     g.add_argument("--group", type=int, metavar="G", help="group size along the input features for the "
                    "int formats (default: per channel) and w3o6 (default 64)")

@@ -49,24 +49,58 @@ def cmd_inspect(args: argparse.Namespace, progress: Progress) -> int:
 def cmd_compile(args: argparse.Namespace, progress: Progress) -> int:
     binding = binding_from_args(args)
     model = Path(args.model)
-    graph, _ = import_graph(model, binding, step=progress.step)
-    reports = fuse(graph, step=progress.step)
+    if args.target == "maskrom":
+        if not args.format:
+            raise TapeoutError("--target maskrom needs --format (w3o6, nvfp4, mxfp4, int4, int8)")
+        args.quantize_head = True        # one chip, one family: the LM head in the chip's format
+        graph, qm, config, stats = _quantized(args, progress)
+        reports = []
+    else:
+        graph, _ = import_graph(model, binding, step=progress.step)
+        reports = fuse(graph, step=progress.step)
     summary = recognise(graph)
     with OutputFolder(args.out) as out:
         out.write_json("graph.json", summary)
         out.write_text("graph.txt", render_summary(summary, list_ops=True) + "\n")
-        out.write_text("passes.txt", "".join(f"{r.name:20s} changed={str(r.changed):5s} ops={r.ops_after}\n"
-                                             for r in reports))
+        if reports:
+            out.write_text("passes.txt", "".join(f"{r.name:20s} changed={str(r.changed):5s} ops={r.ops_after}\n"
+                                                 for r in reports))
+        options = {"batch": binding.batch, "seq_len": binding.seq_len, "past_len": binding.past_len,
+                   "dims": dict(sorted(binding.dims.items())), "target": args.target}
+        headline = summary["structure"]["headline"]
+        if args.target == "maskrom":
+            from tapeout.backends.maskrom.compile import compile_maskrom
+            tiles = _tile_list(args.gds_tiles)
+            report = compile_maskrom(qm, summary, out, base_name=args.base, context=args.context,
+                                     gds_tiles=tiles, step=progress.step)
+            report["quantization"] = {k: v for k, v in qm.report().items() if k != "tensors"}
+            out.write_json("quant_report.json", qm.report())
+            out.write_json("report.json", report)
+            options.update(format=config.fmt, group=args.group, outlier_frac=args.outlier_frac,
+                           gptq=args.gptq, rtn=args.rtn, base=args.base, context=args.context,
+                           gds_tiles=args.gds_tiles)
+            headline = (f"{report['base']} ({report['tiles_used']} of {report['tiles']} tiles), "
+                        f"{report['vias']['V_CODE']} V_CODE + {report['vias']['V_FINE']} V_FINE vias, "
+                        f"LVS {report['lvs']['values_compared']} values equal, fabric == golden on "
+                        f"{report['fabric_vs_golden']['values_checked']} outputs")
         with progress.step("hashing inputs and artifacts"):
-            manifest = {
-                "tool": "tapeout", "version": __version__, "command": "compile",
-                "options": {"batch": binding.batch, "seq_len": binding.seq_len,
-                            "past_len": binding.past_len, "dims": dict(sorted(binding.dims.items()))},
-                "input": {"model": model.name, "sha256": input_hashes(model)},
-            }
+            manifest = {"tool": "tapeout", "version": __version__, "command": "compile", "options": options,
+                        "input": {"model": model.name, "sha256": input_hashes(model)}}
             path = out.commit(manifest)
-    print(f"wrote {path}/ ({len(out.files) + 1} files): {summary['structure']['headline']}")
+    print(f"wrote {path}/ ({len(out.files) + 1} files): {headline}")
     return 0
+
+
+def _tile_list(text: str) -> list[int] | None:
+    if text == "all":
+        return None
+    try:
+        tiles = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise TapeoutError(f"--gds-tiles expects tile numbers like 0,5,17 or 'all', not {text!r}") from None
+    if not tiles or min(tiles) < 0:
+        raise TapeoutError(f"--gds-tiles expects non-negative tile numbers, not {text!r}")
+    return tiles
 
 
 # --- quantisation -----------------------------------------------------------------------------

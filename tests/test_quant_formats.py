@@ -159,7 +159,8 @@ def test_e2m1_ties_to_even_and_saturation():
 def test_mxfp4_codes_are_doubled_ml_dtypes_elements(w):
     qt = quantize(w, "mxfp4")
     _, secs = sections(pack(qt))
-    e = np.frombuffer(secs["block_scales"], np.uint8).astype(np.int64).reshape(qt.shape[0], -1) - 127
+    e = np.frombuffer(secs["block_scales"], np.uint8).astype(np.int64) - 127
+    e = e.reshape(qt.shape[0], -1)
     amax = np.abs(w).reshape(qt.shape[0], -1, 32).max(axis=2).astype(np.float64)
     spec = np.floor(np.log2(np.where(amax > 0, amax, 1.0))) - 2      # OCP MX v1.0, emax(E2M1) = 2
     live = amax > 0
@@ -322,8 +323,9 @@ def test_bits_per_weight_of_a_576x576_matrix():
 
 
 @pytest.mark.parametrize("args,kw,message", [
-    ((np.ones((4, 576)), "fp3"), {}, r"^unknown weight format 'fp3'; known formats: w3o6, mxfp4, "
-                                     r"nvfp4, int4, int8 \(and int2\.\.int8 via 'int' with bits=\)$"),
+    ((np.ones((4, 576)), "fp3"), {},
+     r"^unknown weight format 'fp3'; known formats: w3o6, mxfp4, nvfp4, int4, int8 "
+     r"\(and int2\.\.int8 via 'int' with bits=\)$"),
     ((np.ones((4, 576)), "w3o6"), {"outlier_frac": 1.5},
      r"^outlier fraction must be in \[0, 1\], not 1\.5$"),
     ((np.ones((4, 576)), "w3o6"), {"outlier_frac": -0.01},
@@ -339,6 +341,8 @@ def test_bits_per_weight_of_a_576x576_matrix():
     ((np.full((2, 64), np.nan), "int8"), {}, r"^weights hold 128 non-finite value\(s\)"),
     ((np.array([[1.0, np.inf] * 32]), "nvfp4"), {}, r"^weights hold 32 non-finite value\(s\)"),
     ((np.ones((4, 64)), "w3o6"), {"act_sq": np.ones(32)}, r"^act_sq must be \[64\]"),
+    ((np.full((1, 64), 3e38), "w3o6"), {},
+     r"^weights reach 3e\+38; the formats need \|w\| < 2\*\*120"),
 ])
 def test_bad_options_raise_one_actionable_line(args, kw, message):
     with pytest.raises(TapeoutError) as info:

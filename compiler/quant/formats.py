@@ -15,6 +15,7 @@ from .w3o6 import plan_w3o6
 KNOWN_FORMATS = ("w3o6", "mxfp4", "nvfp4", "int4", "int8")
 W3O6_GROUP = 64             # default w3o6 group (docs/formats.md: best quality at <= 3.6 bits)
 INT_BITS = range(2, 9)
+WEIGHT_LIMIT = 2.0 ** 120
 
 
 def resolve_format(fmt: str, bits: int | None) -> str:
@@ -70,6 +71,9 @@ def check_weights(w) -> np.ndarray:
     if bad:
         raise TapeoutError(f"weights hold {bad} non-finite value(s) (NaN or inf, or beyond "
                            f"float32); fix the model's weights before quantising")
+    if np.abs(w).max() >= WEIGHT_LIMIT:
+        raise TapeoutError(f"weights reach {float(np.abs(w).max()):g}; the formats need "
+                           f"|w| < 2**120 (headroom for scales rounded up in float32)")
     return w
 
 

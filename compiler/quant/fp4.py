@@ -61,7 +61,7 @@ def nv_tensor_scale(w: np.ndarray) -> np.float32:
 
 
 def nv_block_bytes(w: np.ndarray, tensor_scale: np.float32) -> np.ndarray:
-    """E4M3 block scales [out, in / 16]: RNE(float32(amax_block) / 6 / tensor_scale), all float32."""
+    """E4M3 block scales [out, in / 16]: RNE(amax_block / 6 / tensor_scale) in float32."""
     amax = np.abs(grouped(np.asarray(w, dtype=np.float32), FP4_BLOCK["nvfp4"])).max(axis=2)
     return e4m3_round(amax / np.float32(E2M1_MAX) / tensor_scale)
 

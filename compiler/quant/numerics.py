@@ -54,13 +54,6 @@ def e4m3_split(byte: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.where(normal, 8 + frac, frac), np.where(normal, biased - 10, -9)
 
 
-def e4m3_join(m: np.ndarray, e: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`e4m3_split` for canonical (m, e) pairs; returns the bytes."""
-    m, e = np.asarray(m, dtype=np.int64), np.asarray(e, dtype=np.int64)
-    normal = m >= 8
-    return np.where(normal, ((e + 10) << 3) | (m - 8), m).astype(np.uint8)
-
-
 def floor_log2(x: np.ndarray) -> np.ndarray:
     """floor(log2(x)) for positive finite x, exactly (via frexp, no log rounding)."""
     _, k = np.frexp(np.asarray(x, dtype=np.float64))

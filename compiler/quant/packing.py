@@ -27,7 +27,8 @@ def _sections(qt: QuantTensor) -> list[tuple[str, bytes]]:
     if qt.fmt in FP4_BLOCK:
         secs = [("codes", pack_bits(e2m1_nibbles(codes), 4))]
         if qt.fmt == "mxfp4":
-            secs.append(("block_scales", (mx_exponents_of(qt) + E8M0_BIAS).astype(np.uint8).tobytes()))
+            e8m0 = (mx_exponents_of(qt) + E8M0_BIAS).astype(np.uint8)
+            secs.append(("block_scales", e8m0.tobytes()))
         else:
             secs.append(("block_scales", nv_block_bytes_of(qt).tobytes()))
             secs.append(("tensor_scale", struct.pack("<f", qt.tensor_scale)))

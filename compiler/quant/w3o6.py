@@ -18,7 +18,7 @@ from .tensor import W3O6_BASE, W3O6_OUTLIER, W3O6_RATIO
 
 # base-step clipping ratios tried per group, relative to absmax(non-outliers) / 3.5
 W3O6_ALPHAS = np.linspace(0.3, 1.2, 19)
-SELECT_ROUNDS = 2        # saliency -> outliers -> scales, repeated (scales move when outliers leave)
+SELECT_ROUNDS = 2        # saliency -> outliers -> scales, twice (scales move when outliers leave)
 
 
 def w3o6_rounder():
