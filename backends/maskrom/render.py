@@ -125,8 +125,7 @@ def die_png(layers: ViaLayers) -> bytes:
         img[t0:t0 + gr * gc] = int(r.split(".")[1]) if r.startswith("layers.") else len(roles)
     img = np.ma.masked_less(img.reshape(side, side), 0)
     fig, ax = plt.subplots(figsize=(6, 6))
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("#dddddd")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")
     ax.imshow(img, cmap=cmap, interpolation="nearest")
     ax.set_title(f"{layers.base.name}: {sum(a * b for a, b in map(layers.grid, range(len(layers.names))))}"
                  f" of {n} tiles used (colour = network layer)")
