@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", metavar="NAME", help="maskrom: a named base die (default: the smallest that fits)")
     p.add_argument("--context", type=int, default=2048, metavar="N",
                    help="maskrom: KV-cache length the SRAM must hold (default 2048)")
+    p.add_argument("--verify", choices=("auto", "full", "linears", "none"), default="auto",
+                   help="maskrom: check the fabric model (run from the extracted layers) against golden on a "
+                        "whole forward pass (full), linear by linear (linears), or not; auto: full up to 20M "
+                        "weights, else linears")
     p.add_argument("--gds-tiles", metavar="LIST", default="0",
                    help="maskrom: tiles written to layout/tiles.gds, e.g. 0,5,17 or 'all' (default 0)")
     _add_quant_options(p, required=False)

@@ -72,17 +72,17 @@ def cmd_compile(args: argparse.Namespace, progress: Progress) -> int:
             from tapeout.backends.maskrom.compile import compile_maskrom
             tiles = _tile_list(args.gds_tiles)
             report = compile_maskrom(qm, summary, out, base_name=args.base, context=args.context,
-                                     gds_tiles=tiles, step=progress.step)
+                                     gds_tiles=tiles, verify=args.verify, step=progress.step)
             report["quantization"] = {k: v for k, v in qm.report().items() if k != "tensors"}
             out.write_json("quant_report.json", qm.report())
             out.write_json("report.json", report)
             options.update(format=config.fmt, group=args.group, outlier_frac=args.outlier_frac,
                            gptq=args.gptq, rtn=args.rtn, base=args.base, context=args.context,
-                           gds_tiles=args.gds_tiles)
+                           gds_tiles=args.gds_tiles, verify=args.verify)
             headline = (f"{report['base']} ({report['tiles_used']} of {report['tiles']} tiles), "
                         f"{report['vias']['V_CODE']} V_CODE + {report['vias']['V_FINE']} V_FINE vias, "
-                        f"LVS {report['lvs']['values_compared']} values equal, fabric == golden on "
-                        f"{report['fabric_vs_golden']['values_checked']} outputs")
+                        f"LVS {report['lvs']['values_compared']} values equal, fabric == golden "
+                        f"({report['fabric_vs_golden']['mode']}) on {report['fabric_vs_golden']['values_checked']} outputs")
         with progress.step("hashing inputs and artifacts"):
             manifest = {"tool": "tapeout", "version": __version__, "command": "compile", "options": options,
                         "input": {"model": model.name, "sha256": input_hashes(model)}}

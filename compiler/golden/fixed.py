@@ -168,6 +168,6 @@ def int_matmul(a: np.ndarray, b: np.ndarray, bmax: int | None = None,
     if bmax is None:
         bmax = int(np.max(np.abs(b))) if b.size else 0
     if amax * bmax * max(k, 1) < EXACT_F64:
-        bf = b_f64 if b_f64 is not None else b.astype(np.float64)
+        bf = (b_f64 if b_f64 is not None else b).astype(np.float64, copy=False)
         return np.matmul(a.astype(np.float64), bf).astype(np.int64)
     return np.matmul(a.astype(np.int64), b.astype(np.int64))

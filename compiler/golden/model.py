@@ -48,7 +48,8 @@ class IntLinear:
     mult: np.ndarray           # int64 [out]: row_scale ~= mult * 2**-shift
     shift: np.ndarray          # int64 [out]
     bias: np.ndarray | None    # Q16 int64 [out]
-    scaled_t: np.ndarray       # float64 [in, out]: codes * group_scale, exact integers (< 2**53)
+    scaled_t: np.ndarray       # [in, out] codes * group_scale as floats holding exact integers:
+                               # float32 when every value is below 2**24, else float64
     scaled_max: int            # max |codes * group_scale|
 
     @staticmethod
@@ -56,8 +57,10 @@ class IntLinear:
         o_dim, i_dim = codes.shape
         gs = np.repeat(group_scale, group_size, axis=1)[:, :i_dim]
         scaled = codes * gs
-        return IntLinear(codes, group_size, group_scale, mult, shift, bias,
-                         np.ascontiguousarray(scaled.T, dtype=np.float64), int(np.max(np.abs(scaled))))
+        smax = int(np.max(np.abs(scaled))) if scaled.size else 0
+        dtype = np.float32 if smax < (1 << 24) else np.float64
+        return IntLinear(codes.astype(np.int8) if np.abs(codes).max(initial=0) < 128 else codes, group_size,
+                         group_scale, mult, shift, bias, np.ascontiguousarray(scaled.T, dtype=dtype), smax)
 
 
 class Golden:
