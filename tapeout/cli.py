@@ -20,6 +20,7 @@ commands:
   compile   compile a model into an output folder (graph summary, manifest.json)
   quantize  quantise the linear weights (w3o6, mxfp4, nvfp4, int4, int8, int2..int8)
   eval      score a quantised model against the float model on text (KLD, top-1, perplexity)
+  diff      compare the via layers of two mask-ROM chips (compile folders or ONNX files)
 
 examples:
   tapeout inspect model.onnx
@@ -104,6 +105,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="float: float arithmetic on dequantised weights; golden: the integer model")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_quant_options(p)
+    _add_binding_options(p)
+
+    p = sub.add_parser("diff", help="compare the two via layers of two mask-ROM chips",
+                       description="Compare chips A and B: the base die first (hash; on a mismatch the "
+                                   "differing base parameters, exit 2), then per via layer, per network "
+                                   "layer and per tile the vias added and removed. A and B are "
+                                   "`compile --target maskrom` folders, or ONNX files compiled on the fly "
+                                   "with the same options.")
+    p.add_argument("a", metavar="A")
+    p.add_argument("b", metavar="B")
+    p.add_argument("--json", action="store_true", help="print the comparison as JSON (docs/diff.md)")
+    p.add_argument("--png", metavar="FILE", help="write a heat map of changed vias over the die")
+    p.add_argument("--gds-xor", nargs=2, metavar=("TILE", "FILE"), help="write one tile's via XOR as GDSII")
+    p.add_argument("--fail-on-change", action="store_true", help="exit 1 when anything differs (for CI)")
+    p.add_argument("--force-shapes", action="store_true",
+                   help="on different bases, compare the linears' shapes instead of failing")
+    p.add_argument("--base", metavar="NAME", help="ONNX inputs: base die to compile onto")
+    _add_quant_options(p, required=False)
     _add_binding_options(p)
     return parser
 

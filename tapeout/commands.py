@@ -228,3 +228,51 @@ def cmd_eval(args: argparse.Namespace, progress: Progress) -> int:
               f"{result['tokens']} tokens: KLD mean {result['kld_mean']:.5f} p99 {result['kld_p99']:.4f}, "
               f"top-1 {result['top1_agree']:.3f}, ppl {result['ppl']:.3f} (float {result['ppl_ref']:.3f})")
     return 0
+
+
+# --- diff -------------------------------------------------------------------------------------
+def _chip_folder(arg: str, args: argparse.Namespace, progress: Progress, tmp: Path) -> Path:
+    """A compile folder as it is, or an ONNX file compiled to maskrom in ``tmp``."""
+    p = Path(arg)
+    if p.is_dir():
+        return p
+    if p.suffix != ".onnx" or not p.is_file():
+        raise TapeoutError("expected a `compile --target maskrom` folder or an .onnx file", file=arg)
+    if not args.format:
+        raise TapeoutError("diffing ONNX files compiles them: pass --format (and the other compile options)")
+    out = tmp / p.stem
+    ns = argparse.Namespace(**vars(args))
+    ns.model, ns.out, ns.target, ns.context, ns.gds_tiles, ns.verify = str(p), str(out), "maskrom", 2048, "0", "linears"
+    with progress.step(f"compiling {p.name}"):
+        import contextlib
+        import io
+        with contextlib.redirect_stdout(io.StringIO()):
+            cmd_compile(ns, progress)
+    return out
+
+
+def cmd_diff(args: argparse.Namespace, progress: Progress) -> int:
+    import tempfile
+
+    from tapeout.backends.maskrom import diff as D
+    progress.enabled = not args.json
+    with tempfile.TemporaryDirectory(prefix="tapeout-diff-") as tmp:
+        a = D.load_chip(_chip_folder(args.a, args, progress, Path(tmp)))
+        b = D.load_chip(_chip_folder(args.b, args, progress, Path(tmp)))
+        with progress.step("comparing via layers"):
+            r = D.diff_chips(a, b, force_shapes=args.force_shapes)
+        if args.png and r["base_identical"]:
+            Path(args.png).write_bytes(D.heatmap_png(r, a.base["tiles"]))
+        if args.gds_xor:
+            if not r["base_identical"]:
+                raise TapeoutError("--gds-xor needs chips on the same base")
+            try:
+                tile = int(args.gds_xor[0])
+            except ValueError:
+                raise TapeoutError(f"--gds-xor TILE must be a tile number, not {args.gds_xor[0]!r}") from None
+            r["gds_xor"] = {"tile": tile, "file": args.gds_xor[1],
+                            "vias": D.gds_xor(a, b, tile, Path(args.gds_xor[1]))}
+    r.pop("_tile_changes", None)
+    print(dumps_json(r), end="") if args.json else print(D.render_text(r))
+    changed = not r["base_identical"] or r.get("changed_vias", 0) > 0
+    return 1 if args.fail_on_change and changed else 0

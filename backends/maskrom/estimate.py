@@ -338,6 +338,20 @@ def tree_adder_bits(inputs: int, width: int) -> int:
     return total
 
 
+def generator_adders(alphabet: tuple[int, ...]) -> int:
+    """Adders that form x * v for every v of the alphabet from shifts of x: one per distinct odd
+    part of |v| above 1 (3 = 2 + 1, 5 = 4 + 1, 7 = 8 - 1, 11 = 8 + 3, ...). A negative line is
+    the bitwise inverse of its positive line, the +1 entering the row's adder tree as a carry."""
+    odd = set()
+    for v in alphabet:
+        m = abs(v)
+        while m and m % 2 == 0:
+            m //= 2
+        if m > 1:
+            odd.add(m)
+    return len(odd)
+
+
 def product_width(act_bits: int, alphabet: tuple[int, ...]) -> int:
     """Signed width of x * v for every v of the alphabet (x a symmetric act_bits integer)."""
     if not alphabet:
@@ -375,6 +389,7 @@ class _Energy:
 # ----------------------------------------------------------------------------------------------
 
 ARCH_DEFAULTS: dict[str, int] = {
+    "tile_rows": 0, "tile_cols": 0,  # 0: the base family's tile (docs/layout.md: 64 x 64)
     "row_fold": 1,                 # cycles a tile takes for its rows (1: every row has its own datapath)
     "attn_positions_per_cycle": 1,  # KV positions each layer's attention engine consumes per cycle
     "requant_lanes": 64,           # requantisers per linear (outputs leave C per cycle)
@@ -405,7 +420,7 @@ class _Chip:
             + rom_mm2 * v["leakage_rom_w_per_mm2"] + sram_mm2 * v["leakage_sram_w_per_mm2"]
         self.parts[name] = {
             "area_mm2": logic_mm2 + rom_mm2 + sram_mm2 + extra_area_mm2,
-            "transistors": logic_t + cell_t + 6 * sram_bits,
+            "transistors": round(logic_t + cell_t + 6 * sram_bits),
             "dynamic_energy_per_token_j": energy,
             "static_w": leak + static_w,
             "counts": {k: (round(x) if isinstance(x, float) and x > 1e3 else x) for k, x in (counts or {}).items()},
@@ -440,7 +455,11 @@ def estimate(shape: ModelShape, fmt: str, tech: dict | str | Path = "n5", *, con
     if unknown:
         raise TapeoutError(f"unknown architecture option(s) {sorted(unknown)}; known: {', '.join(ARCH_DEFAULTS)}")
     fam: Family = family_for(fmt)
-    R, C, U, act, acc = fam.tile_rows, fam.tile_cols, fam.unit, fam.act_bits, fam.acc_bits
+    R, C = a["tile_rows"] or fam.tile_rows, a["tile_cols"] or fam.tile_cols
+    U, act, acc = fam.unit, fam.act_bits, fam.acc_bits
+    if C % U or R < 1:
+        raise TapeoutError(f"tile columns must be a multiple of the family's {U}-column unit, not {C}")
+    a["tile_rows"], a["tile_cols"] = R, C
     V = fam.vector_lanes
     fold = a["row_fold"]
     if isinstance(fold, bool) or not isinstance(fold, int) or fold < 1 or R % fold:
@@ -467,14 +486,17 @@ def estimate(shape: ModelShape, fmt: str, tech: dict | str | Path = "n5", *, con
     row_tiles = sum(o * _ceil(i, C) for _, o, i in lin)
 
     # per-tile logic (built for every tile of the base die)
-    t_gen = C * (lines_c * t_adder(pw_c) + lines_f * t_adder(pw_f))
+    gen_c, gen_f = generator_adders(fam.coarse), generator_adders(fam.fine)
+    neg_bits = sum(pw_c for x in fam.coarse if x < 0) + sum(pw_f for x in fam.fine if x < 0)
+    # per column: the adders, the inverters of negative lines, a driver (two inverters) per line bit
+    t_gen = C * (gen_c * t_adder(pw_c) + gen_f * t_adder(pw_f) + 2 * neg_bits + 4 * line_bits_col)
     tree_c, tree_f = tree_adder_bits(U, pw_c), (tree_adder_bits(U, pw_f) + part_w if fam.fine else 0)
     t_tree = rows_hw * units_tile * t_adder(tree_c + tree_f)
     scaled_w = part_w + fc.scale_mult_bits
     shift_stages = fc.scale_shift_stages + a["block_shift_stages"]
     t_scale_unit = t_mult(part_w, fc.scale_mult_bits) + t_shifter(scaled_w, shift_stages, acc)
     t_scale = rows_hw * (units_tile * t_scale_unit + (units_tile - 1) * t_adder(acc))
-    t_acc = rows_hw * (t_adder(acc) + t_reg(acc)) + (R * t_reg(acc) if fold > 1 else 0)
+    t_acc = rows_hw * (t_adder(acc) + t_reg(acc))       # one chain stage per row datapath
 
     chip.add("rom_cells", cell_t=cells_built, rom_bits=cells_built,
              counts={"cells": cells_built, "weights": weights, "tiles": tiles,
@@ -484,10 +506,10 @@ def estimate(shape: ModelShape, fmt: str, tech: dict | str | Path = "n5", *, con
     tile_um2 = (fabric_logic / tiles / v["logic_density_mtr_per_mm2"]
                 + R * C * v["rom_cell_um2"] / v["rom_array_efficiency"])   # um^2 (MTr/mm^2 == Tr/um^2)
     tile_height_um = math.sqrt(tile_um2)
-    e_lines = used_cols * (lines_c * E.add(pw_c) + lines_f * E.add(pw_f)
+    e_lines = used_cols * (gen_c * E.add(pw_c) + gen_f * E.add(pw_f)
                            + line_bits_col * tile_height_um * E.wire_bit_um)
     chip.add("product_lines", logic_t=tiles * t_gen, energy=e_lines,
-             counts={"generators": tiles * C * (lines_c + lines_f), "lines_per_column": lines_c + lines_f,
+             counts={"generator_adders": tiles * C * (gen_c + gen_f), "lines_per_column": lines_c + lines_f,
                      "line_bits": pw_c, "tile_height_um": round(tile_height_um, 2)})
     # zero inputs do not toggle: the coarse tree's energy scales with its non-zero inputs; a fine via
     # toggles its own path of log2(unit) adders, and the coarse + fine combine add runs per unit
@@ -508,10 +530,12 @@ def estimate(shape: ModelShape, fmt: str, tech: dict | str | Path = "n5", *, con
     chip.add("accumulators", logic_t=tiles * t_acc, energy=row_tiles * (E.add(acc) + E.flop(acc)),
              counts={"accumulators": tiles * rows_hw, "bits": acc})
     n_lin, lanes = len(lin), a["requant_lanes"]
-    t_rq = sum(min(lanes, o) * (t_mult(acc, 16) + 2 * t_adder(32)) + max(o - lanes, 0) * acc * T_MUX2
-               for _, o, _ in lin)
+    # per linear: the row results held at the end of the chain, a mux to the lanes, the lanes
+    t_rq = sum(o * t_reg(acc) + max(o - lanes, 0) * acc * T_MUX2
+               + min(lanes, o) * (t_mult(acc, 16) + 2 * t_adder(32)) for _, o, _ in lin)
     outs = sum(o for _, o, _ in lin)
-    chip.add("requant", logic_t=t_rq, energy=outs * (E.mult(acc, 16) + 2 * E.add(32) + 0.5 * E.add(acc)),
+    chip.add("requant", logic_t=t_rq,
+             energy=outs * (E.flop(acc) + E.mult(acc, 16) + 2 * E.add(32) + 0.5 * E.add(acc)),
              counts={"linears": n_lin, "lanes": n_lin * lanes})
     # scale ROM: group-scale words and (M, n, bias) per row, as vias on constant inputs
     const_bits = scale_rom + outs * (16 + 6 + 32)
@@ -570,8 +594,9 @@ def estimate(shape: ModelShape, fmt: str, tech: dict | str | Path = "n5", *, con
              static_w=v["io_power_w"], counts={"bits_per_token": 64})
 
     # ---- cycle model: one token through the layers (docs/estimates.md)
-    lat_tile = 1 + _ceil(int(math.log2(U)) + int(math.log2(C // U)) if C > U else int(math.log2(U)),
-                         a["tree_levels_per_cycle"]) + 2 + (fold - 1)
+    # product lines 1, the unit tree and the unit combine (log2 C levels), scale multiply 1,
+    # shift and accumulate 1, then the other row groups of a folded tile one per cycle
+    lat_tile = 1 + _ceil(math.ceil(math.log2(C)), a["tree_levels_per_cycle"]) + 2 + (fold - 1)
 
     def linear_cycles(n_in: int) -> int:
         return _ceil(n_in, C) + lat_tile + a["lat_requant"]
@@ -615,7 +640,7 @@ def estimate(shape: ModelShape, fmt: str, tech: dict | str | Path = "n5", *, con
              for k in ("area_mm2", "transistors", "energy_per_token_j", "dynamic_energy_per_token_j", "static_w")}
     rom_bits = rom_bits_w + emb_bits + norm_bits + rope_bits
     sram_bytes = kv_bytes + act_bytes
-    assumptions = _assumptions(shape, fmt, fc, table, a, ctx, outlier_frac, fam)
+    assumptions = _assumptions(shape, fmt, fc, table, a, ctx, outlier_frac, fam, R, C)
     if total["area_mm2"] > v["reticle_mm2"]:
         assumptions.insert(0, f"the die ({total['area_mm2']:,.0f} mm^2) exceeds one reticle "
                               f"({v['reticle_mm2']:.0f} mm^2): it would need {math.ceil(total['area_mm2'] / v['reticle_mm2'])} "
@@ -625,7 +650,7 @@ def estimate(shape: ModelShape, fmt: str, tech: dict | str | Path = "n5", *, con
         "tech": {"name": table["name"], "path": table.get("path"), "node": table.get("node")},
         "clock_hz": clock, "context": ctx,
         "area_mm2": total["area_mm2"], "transistors": total["transistors"],
-        "rom_bits": rom_bits, "sram_bytes": sram_bytes,
+        "rom_bits": round(rom_bits), "sram_bytes": sram_bytes,
         "energy_per_token_j": total["energy_per_token_j"], "tokens_per_s": tps,
         "tokens_per_s_mean": clock / mean_cycles, "cycles_per_token": cycles,
         "power_w": total["energy_per_token_j"] * tps, "static_power_w": total["static_w"],
@@ -640,19 +665,21 @@ def estimate(shape: ModelShape, fmt: str, tech: dict | str | Path = "n5", *, con
 
 
 def _assumptions(shape: ModelShape, fmt: str, fc: FormatCost, table: dict, a: dict, ctx: int,
-                 outlier_frac: float, fam: Family) -> list[str]:
+                 outlier_frac: float, fam: Family, R: int, C: int) -> list[str]:
     out = [
         "first-order model: counts from shapes, areas from densities, energies from per-op energies; "
         "no placement, routing, timing closure or yield",
         f"decode of one user at the last position of a full context of {ctx} tokens (worst case); "
         "tokens_per_s_mean averages over positions 1..context",
-        f"fabric per docs/layout.md, base family {fam.name}: {fam.tile_rows}x{fam.tile_cols} tiles, "
+        f"fabric per docs/layout.md, base family {fam.name}: {R}x{C} tiles, "
         f"{len(fam.coarse)}+{len(fam.fine)} product lines per column, units of {fam.unit} columns, "
         f"{fam.acc_bits}-bit accumulators; row_fold={a['row_fold']} "
         + ("(every row has its own adder tree: one token per tile per cycle)" if a["row_fold"] == 1
-           else f"({fam.tile_rows // a['row_fold']} row datapaths per tile, each serving {a['row_fold']} rows in turn)"),
+           else f"({R // a['row_fold']} row datapaths per tile, each serving {a['row_fold']} rows in turn)"),
         "a weight cell is one transistor plus its via(s), on the ROM-cell footprint of the table; "
         "edge tiles are built whole",
+        "product lines: one adder per distinct odd multiple of x in the alphabet, negative lines inverted "
+        "(the +1 enters the row tree as a carry), one driver per line bit; lines span the tile height",
         f"{fmt}: storage-equivalent {fc.name} bits per weight per docs/formats.md"
         + (f" at {outlier_frac:.0%} outliers" if fmt == "w3o6" else "")
         + f"; {fc.coarse_zero:.1%} of codes without a V_CODE via (measured on Gaussian weights)",
