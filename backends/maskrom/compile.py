@@ -59,6 +59,39 @@ def check_linears(qm: QuantizedModel, layers: ViaLayers, tokens: int = 4) -> int
     return checked
 
 
+def write_stimulus(qm: QuantizedModel, layers: ViaLayers, out, tokens: int = 16) -> int:
+    """Golden's Q16 input and output of every linear on one sample window (``sim/``): what
+    ``tapeout simulate`` drives into the RTL and expects back. Returns the values stored."""
+    graph = qm.graph
+    names = set(layers.names)
+    want: dict[str, list[str]] = {}
+    for n in names:                         # q, k and v read one tensor
+        want.setdefault(graph.op(n).inputs[0], []).append(n)
+    outs = {graph.op(n).outputs[0]: n for n in names}
+    seen: dict[str, dict[str, np.ndarray]] = {n: {} for n in names}
+
+    def keep(t, v):
+        for n in want.get(t, ()):
+            seen[n]["x"] = v
+        if t in outs:
+            seen[outs[t]]["y"] = v
+
+    vocab = graph.tensors[graph.outputs[0]].shape[-1]
+    shape = graph.tensors[graph.inputs[0]].shape
+    window = np.random.default_rng(1).integers(0, vocab, int(np.prod(shape)))
+    qm.golden().run(window_feeds(graph, window), keep=keep)
+    stored = 0
+    for i, n in enumerate(layers.names):
+        for k in ("x", "y"):
+            v = seen[n][k]
+            v = v.reshape(-1, v.shape[-1])[:tokens].astype(np.int32)
+            buf = __import__("io").BytesIO()
+            np.save(buf, v, allow_pickle=False)
+            out.write_bytes(f"sim/{i:04d}.{k}.npy", buf.getvalue())
+            stored += v.size
+    return stored
+
+
 def compile_maskrom(qm: QuantizedModel, summary: dict, out, *, base_name: str | None = None,
                     context: int = 2048, gds_tiles: list[int] | None = None, verify: str = "auto",
                     step: Callable[[str], ContextManager[None]]) -> dict:
@@ -89,6 +122,8 @@ def compile_maskrom(qm: QuantizedModel, summary: dict, out, *, base_name: str | 
         with step(f"fabric model vs golden, linear by linear ({len(specs)} linears)"):
             checked = check_linears(qm, layers)
     fabric_s = time.perf_counter() - t0
+    with step("golden stimulus for RTL simulation (sim/)"):
+        stimulus = write_stimulus(qm, layers, out)
     out.write_bytes("base/base.json", base.canonical())
     out.write_bytes("layers/V_CODE.bin", layers.v_code)
     out.write_bytes("layers/V_FINE.bin", layers.v_fine)
@@ -113,7 +148,7 @@ def compile_maskrom(qm: QuantizedModel, summary: dict, out, *, base_name: str | 
         "lvs": {"values_compared": compared, "equal": True},
         "fabric_vs_golden": {"mode": verify, "equal": bool(outputs_equal), "values_checked": checked,
                              "seconds": round(fabric_s, 2)},
-        "gds_tiles": tiles, "gds_vias_drawn": vias_drawn, "sram_bytes_needed": sram, "context": context,
+        "sim_stimulus_values": stimulus, "gds_tiles": tiles, "gds_vias_drawn": vias_drawn, "sram_bytes_needed": sram, "context": context,
     }
     if not outputs_equal:
         from tapeout.compiler.errors import TapeoutError

@@ -498,14 +498,26 @@ def estimate(shape: ModelShape, fmt: str, tech: dict | str | Path = "n5", *, con
     t_scale = rows_hw * (units_tile * t_scale_unit + (units_tile - 1) * t_adder(acc))
     t_acc = rows_hw * (t_adder(acc) + t_reg(acc))       # one chain stage per row datapath
 
-    chip.add("rom_cells", cell_t=cells_built, rom_bits=cells_built,
-             counts={"cells": cells_built, "weights": weights, "tiles": tiles,
-                     "vias_code": weights * (1 - fc.coarse_zero), "vias_fine": weights * fine_frac})
-    # product lines: the generators' adds plus charging the lines across the tile height
-    fabric_logic = tiles * (t_gen + t_tree + t_scale + t_acc)
+    vias = {"vias_code": weights * (1 - fc.coarse_zero), "vias_fine": weights * fine_frac}
+    if fold == 1:
+        # a cell is a via site joining its row's tree input to one product line
+        cell_bits, t_select, e_cells = cells_built, 0.0, 0.0
+    else:
+        # row-serial tiles: a word-line ROM holds each weight's line indices (the via maps' packing),
+        # read once per token; per row datapath and column a multiplexer picks the line
+        index_bits = len(fam.coarse).bit_length() + len(fam.fine).bit_length()
+        cell_bits = cells_built * index_bits
+        t_select = tiles * rows_hw * C * (lines_c * pw_c + lines_f * pw_f) * T_MUX2
+        e_cells = weights * (index_bits * E.rom_bit
+                             + E.shift(pw_c, math.ceil(math.log2(lines_c + 1)), pw_c)
+                             + (E.shift(pw_f, math.ceil(math.log2(lines_f + 1)), pw_f) if fam.fine else 0.0))
+    chip.add("rom_cells", logic_t=t_select, cell_t=cell_bits, rom_bits=cell_bits, energy=e_cells,
+             counts={"cells": cell_bits, "weights": weights, "tiles": tiles, **vias})
+    # product lines: the generators' adds plus charging the lines along the tile's height
+    fabric_logic = tiles * (t_gen + t_tree + t_scale + t_acc) + t_select
     tile_um2 = (fabric_logic / tiles / v["logic_density_mtr_per_mm2"]
-                + R * C * v["rom_cell_um2"] / v["rom_array_efficiency"])   # um^2 (MTr/mm^2 == Tr/um^2)
-    tile_height_um = math.sqrt(tile_um2)
+                + cell_bits / tiles * v["rom_cell_um2"] / v["rom_array_efficiency"])   # MTr/mm^2 == Tr/um^2
+    tile_height_um = R * math.sqrt(tile_um2 / (R * C))     # cells' share of the tile taken square
     e_lines = used_cols * (gen_c * E.add(pw_c) + gen_f * E.add(pw_f)
                            + line_bits_col * tile_height_um * E.wire_bit_um)
     chip.add("product_lines", logic_t=tiles * t_gen, energy=e_lines,
@@ -676,8 +688,10 @@ def _assumptions(shape: ModelShape, fmt: str, fc: FormatCost, table: dict, a: di
         f"{fam.acc_bits}-bit accumulators; row_fold={a['row_fold']} "
         + ("(every row has its own adder tree: one token per tile per cycle)" if a["row_fold"] == 1
            else f"({R // a['row_fold']} row datapaths per tile, each serving {a['row_fold']} rows in turn)"),
-        "a weight cell is one transistor plus its via(s), on the ROM-cell footprint of the table; "
-        "edge tiles are built whole",
+        ("a weight cell is one transistor plus its via(s), on the ROM-cell footprint of the table"
+         if a["row_fold"] == 1 else
+         "row-serial cells: each weight's line indices in a word-line ROM (1T per bit), a line multiplexer "
+         "per row datapath and column") + "; edge tiles are built whole",
         "product lines: one adder per distinct odd multiple of x in the alphabet, negative lines inverted "
         "(the +1 enters the row tree as a carry), one driver per line bit; lines span the tile height",
         f"{fmt}: storage-equivalent {fc.name} bits per weight per docs/formats.md"
