@@ -177,6 +177,30 @@ def onnx_path(
     return d / model_name(variant, seq_len, past_len, exporter, opset)
 
 
+def write_onnx(
+    model,
+    path: Path,
+    variant: str = "prefill",
+    seq_len: int = DEFAULT_SEQ_LEN,
+    past_len: int = DEFAULT_PAST_LEN,
+    exporter: str = "dynamo",
+    opset: int | None = None,
+) -> None:
+    """Write ``model`` (a LlamaForCausalLM in eval mode) to ``path`` + ``<path>.data``, the way
+    ``export`` does (same wrapper, example inputs, exporter, opset, external data).
+
+    Not atomic: wrap it in ``tiny.atomic_export`` (as ``export`` does). ``models/smollm2_finetune.py``
+    uses it to export a fine-tuned copy of the model.
+    """
+    opset = tiny.DEFAULT_OPSET[exporter] if opset is None else int(opset)
+    with tiny.quiet():
+        internal_mask = exporter == "legacy"
+        wrapper = tiny.make_wrapper(model, variant, False, internal_mask).eval()
+        args, in_names, out_names = tiny.example_args(model, variant, seq_len, past_len, False)
+        tiny.torch_export(wrapper, args, path, exporter=exporter, opset=opset,
+                          input_names=in_names, output_names=out_names, external_data=True)
+
+
 def export(
     variant: str = "prefill",
     seq_len: int = DEFAULT_SEQ_LEN,
@@ -217,15 +241,8 @@ def export(
         f"{'seq ' + str(seq_len) if variant == 'prefill' else 'past ' + str(past_len)}) ...")
     t0 = time.perf_counter()
 
-    def write(tmp: Path) -> None:
-        with tiny.quiet():
-            internal_mask = exporter == "legacy"
-            wrapper = tiny.make_wrapper(model, variant, False, internal_mask).eval()
-            args, in_names, out_names = tiny.example_args(model, variant, seq_len, past_len, False)
-            tiny.torch_export(wrapper, args, tmp, exporter=exporter, opset=opset,
-                              input_names=in_names, output_names=out_names, external_data=True)
-
-    tiny.atomic_export(path, write)
+    tiny.atomic_export(
+        path, lambda tmp: write_onnx(model, tmp, variant, seq_len, past_len, exporter, opset))
     data = path.with_name(path.name + ".data")
     log(f"exported in {time.perf_counter() - t0:.1f}s: {path.name} {_mib(path)}, "
         f"{data.name} {_mib(data) if data.exists() else 'missing'}")

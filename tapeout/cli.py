@@ -21,6 +21,7 @@ commands:
   quantize  quantise the linear weights (w3o6, mxfp4, nvfp4, int4, int8, int2..int8)
   eval      score a quantised model against the float model on text (KLD, top-1, perplexity)
   diff      compare the via layers of two mask-ROM chips (compile folders or ONNX files)
+  estimate  size a mask-ROM chip (area, transistors, energy/token, tokens/s) from shapes alone
 
 examples:
   tapeout inspect model.onnx
@@ -123,6 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on different bases, compare the linears' shapes instead of failing")
     p.add_argument("--base", metavar="NAME", help="ONNX inputs: base die to compile onto")
     _add_quant_options(p, required=False)
+    _add_binding_options(p)
+
+    p = sub.add_parser("estimate", help="size a mask-ROM chip from shapes alone",
+                       description="Area, transistors, ROM bits, SRAM bytes, energy per token, tokens/s per "
+                                   "user, power, per component, from a technology table (docs/estimates.md). "
+                                   "Needs shapes only: an ONNX model or a transformers config.json.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("model", nargs="?", metavar="MODEL.onnx")
+    src.add_argument("--hf-config", metavar="config.json", help="a transformers config.json (no weights needed)")
+    p.add_argument("--target", choices=("maskrom",), default="maskrom")
+    p.add_argument("--format", required=True, metavar="F", help="w3o6 | nvfp4 | mxfp4 | int4 | int8")
+    p.add_argument("--tech", default="n5", metavar="T", help="technology table: n5 (default), n7, n16 or a JSON file")
+    p.add_argument("--context", type=int, metavar="N", help="KV-cache length (default 2048)")
+    p.add_argument("--clock", type=float, metavar="HZ", help="clock frequency (default: the table's)")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON")
     _add_binding_options(p)
     return parser
 

@@ -276,3 +276,19 @@ def cmd_diff(args: argparse.Namespace, progress: Progress) -> int:
     print(dumps_json(r), end="") if args.json else print(D.render_text(r))
     changed = not r["base_identical"] or r.get("changed_vias", 0) > 0
     return 1 if args.fail_on_change and changed else 0
+
+
+# --- estimate ---------------------------------------------------------------------------------
+def cmd_estimate(args: argparse.Namespace, progress: Progress) -> int:
+    from tapeout.backends.maskrom import estimate as E
+    progress.enabled = not args.json
+    ctx = args.context if args.context is not None else 2048
+    if args.hf_config:
+        shape = E.shape_from_hf_config(args.hf_config, context=ctx)
+    else:
+        graph, _ = import_graph(args.model, binding_from_args(args), step=progress.step)
+        fuse(graph, step=progress.step)
+        shape = E.shape_from_summary(recognise(graph), context=ctx, name=Path(args.model).stem)
+    result = E.estimate(shape, args.format, args.tech, context=ctx, clock_hz=args.clock)
+    print(dumps_json(result), end="") if args.json else print(E.format_table(result))
+    return 0

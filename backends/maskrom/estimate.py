@@ -454,15 +454,19 @@ def estimate(shape: ModelShape, fmt: str, tech: dict | str | Path = "n5", *, con
     unknown = set(a) - set(ARCH_DEFAULTS)
     if unknown:
         raise TapeoutError(f"unknown architecture option(s) {sorted(unknown)}; known: {', '.join(ARCH_DEFAULTS)}")
+    for key, value in a.items():
+        low = 0 if key in ("tile_rows", "tile_cols") or key.startswith("lat_") else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise TapeoutError(f"architecture option {key} must be an integer >= {low}, not {value!r}")
     fam: Family = family_for(fmt)
     R, C = a["tile_rows"] or fam.tile_rows, a["tile_cols"] or fam.tile_cols
     U, act, acc = fam.unit, fam.act_bits, fam.acc_bits
-    if C % U or R < 1:
+    if C % U:
         raise TapeoutError(f"tile columns must be a multiple of the family's {U}-column unit, not {C}")
     a["tile_rows"], a["tile_cols"] = R, C
     V = fam.vector_lanes
     fold = a["row_fold"]
-    if isinstance(fold, bool) or not isinstance(fold, int) or fold < 1 or R % fold:
+    if R % fold:
         raise TapeoutError(f"row_fold must be a positive divisor of the tile's {R} rows, not {fold!r}")
     E = _Energy(v)
     chip = _Chip(v)
@@ -558,7 +562,7 @@ def estimate(shape: ModelShape, fmt: str, tech: dict | str | Path = "n5", *, con
     bpw_emb = fc.bits_per_weight(max(shape.vocab, 1), h, outlier_frac)
     emb_bits = emb_rows * h * bpw_emb
     chip.add("embedding_rom", cell_t=emb_bits, rom_bits=emb_bits,
-             energy=(h * bpw_emb * (2 if shape.positions else 1)) * E.rom_bit,
+             energy=(h * bpw_emb * (2 if shape.positions else 1)) * E.rom_bit if emb_rows else 0.0,
              counts={"rows": emb_rows, "bits": emb_bits, "bits_per_weight": round(bpw_emb, 4)})
     norm_bits = (2 * L + 1) * h * 32 * (2 if shape.norm == "layernorm" else 1)
     rope_bits = 0 if shape.positions else ctx * D * 16        # cos and sin, Q16 halves
@@ -694,9 +698,10 @@ def _assumptions(shape: ModelShape, fmt: str, fc: FormatCost, table: dict, a: di
          "per row datapath and column") + "; edge tiles are built whole",
         "product lines: one adder per distinct odd multiple of x in the alphabet, negative lines inverted "
         "(the +1 enters the row tree as a carry), one driver per line bit; lines span the tile height",
-        f"{fmt}: storage-equivalent {fc.name} bits per weight per docs/formats.md"
-        + (f" at {outlier_frac:.0%} outliers" if fmt == "w3o6" else "")
-        + f"; {fc.coarse_zero:.1%} of codes without a V_CODE via (measured on Gaussian weights)",
+        "rom_bits is storage-equivalent: weights x bits/weight of docs/formats.md"
+        + (f" (w3o6 at {outlier_frac:.0%} outliers)" if fmt == "w3o6" else "")
+        + f"; the fabric holds one cell per weight and one via per non-zero code ({fc.coarse_zero:.1%} of "
+        f"{fmt} codes are zero on Gaussian weights)",
         "group-scale multipliers sized to the format's significant scale bits; scale words stored "
         f"at the family's {fam.group_scale_bits} bits per (row, unit) as via-programmed constants",
         "embedding stored once more as a read-out ROM in the weight format, also when tied to lm_head "
@@ -704,7 +709,8 @@ def _assumptions(shape: ModelShape, fmt: str, fc: FormatCost, table: dict, a: di
         "KV cache int8 plus one shift byte per 32-block, in SRAM; activations double-buffered in Q16",
         f"attention: one engine per layer, {a['attn_positions_per_cycle']} KV position(s) per cycle "
         "for all heads (online softmax, K and V read together)",
-        "vector units: 64 lanes per unit, 10 units per layer (norms, rope, activation, residual, MX quantise)",
+        f"vector units: {fam.vector_lanes} lanes per unit, 10 units per layer (norms, rope, activation, "
+        "residual, MX quantise)",
         "transistor counts: 28T full adder, 24T flip-flop, 12T mux, array multipliers, 6T SRAM bit, "
         "1T ROM bit; logic area = transistors / realised density",
         "energy: Horowitz ISSCC 2014 45 nm per-op energies times the table's scale; adder-tree energy "
