@@ -188,7 +188,8 @@ def summary_line(r: dict) -> str:
                 f"{len(r['shapes'])} linears have the same shape")
     L = r["layers"]
     n_changed = sum(1 for v in L.values() if v["changed"])
-    return (f"base identical; {n_changed} layers differ: {100 * r['fraction']:.1f}% of vias ("
+    verb = "layer differs" if n_changed == 1 else "layers differ"
+    return (f"base identical; {n_changed} {verb}: {100 * r['fraction']:.1f}% of vias ("
             + ", ".join(f"{k} {100 * v['fraction']:.1f}%" for k, v in L.items())
             + f"); {r['tiles_untouched']} of {r['tiles']} tiles untouched")
 
