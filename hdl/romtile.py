@@ -69,19 +69,18 @@ def wrap(value, width: int):
     return Cat(value, fill.replicate(width - len(value)))
 
 
-def shift_left(m: Module, value, amount, width: int, name: str):
+def shift_left(m: Module, value: Signal, amount, width: int, name: str):
     """``(value << amount) mod 2**width`` as a log shifter: one 2:1 mux stage per bit of
-    ``amount``, each truncated to ``width`` bits, so no stage is wider than the result (a plain
-    ``<<`` by a 5-bit amount widens by 31 bits, which Verilator pays for per cycle). Each stage
-    is a named signal: a stage's input feeds both mux arms, and as a bare expression it would be
-    lowered once per use (2**stages copies)."""
-    v = Signal(width, name=f"{name}_s0")
-    m.d.comb += v.eq(value)               # .eq sign-extends or truncates: value mod 2**width
+    ``amount``, each ``width`` bits wide (a plain ``<<`` by a 5-bit amount widens by 31 bits,
+    which Verilator pays for on every cycle). Each stage is a named signal: a stage's input
+    feeds both mux arms, and as a bare expression it would be lowered once per use."""
+    v = wrap(value, width)
     for i in range(len(amount)):
-        shifted = Const(0, width) if (1 << i) >= width else (v << (1 << i))[:width]
-        nxt = Signal(width, name=f"{name}_s{i + 1}")
-        m.d.comb += nxt.eq(Mux(amount[i], shifted, v))
-        v = nxt
+        step = 1 << i
+        shifted = Const(0, width) if step >= width else Cat(Const(0, step), v[:width - step])
+        stage = Signal(width, name=f"{name}_s{i + 1}")
+        m.d.comb += stage.eq(Mux(amount[i], shifted, v))
+        v = stage
     return v
 
 
@@ -156,9 +155,9 @@ class RomTile(wiring.Component):
         def line(c: int, value: int) -> Signal:
             key = (c, value)
             if key not in lines:
-                sig = Signal(signed(self.act_bits + abs(value).bit_length() + 1),
-                             name=f"line_c{c}_{'m' if value < 0 else 'p'}{abs(value)}")
-                m.d.comb += sig.eq(self.x[c] * value)
+                product = self.x[c] * value
+                sig = Signal(product.shape(), name=f"line_c{c}_{'m' if value < 0 else 'p'}{abs(value)}")
+                m.d.comb += sig.eq(product)
                 lines[key] = sig
             return lines[key]
 
@@ -175,7 +174,12 @@ class RomTile(wiring.Component):
                         terms.append(line(c, self.fine[self.v_fine[r, c]]))
                 if not terms or gs == 0:
                     continue
-                scaled = tree_sum(terms) * gs if gs != 1 else tree_sum(terms)
+                part = tree_sum(terms)
+                part_sig = Signal(part.shape(), name=f"part_r{r}_u{u}")
+                m.d.comb += part_sig.eq(part)
+                product = part_sig * gs
+                scaled = Signal(product.shape(), name=f"scaled_r{r}_u{u}")
+                m.d.comb += scaled.eq(product)
                 shifted.append(shift_left(m, scaled, self.sh[u], self.acc_bits, f"sh_r{r}_u{u}"))
             m.d.sync += self.acc[r].eq(tree_sum(shifted)[:self.acc_bits].as_signed())
         m.d.sync += self.ready.eq(self.valid)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from amaranth.hdl import Cat
 from amaranth.sim import Simulator
 
 from .fabric import LinearFabric
@@ -93,32 +94,54 @@ def _check(outputs: np.ndarray, expected, tokens: int) -> None:
 
 
 # --- Amaranth --------------------------------------------------------------------------------
+def _pack(values: list[int], widths: list[int]) -> int:
+    word, off = 0, 0
+    for v, w in zip(values, widths):
+        word |= (v & ((1 << w) - 1)) << off
+        off += w
+    return word
+
+
+def _unpack(word: int, widths: list[int], signs: list[bool]) -> list[int]:
+    out = []
+    for w, sg in zip(widths, signs):
+        v = word & ((1 << w) - 1)
+        out.append(v - (1 << w) if sg and v >> (w - 1) else v)
+        word >>= w
+    return out
+
+
 def _run_amaranth(component, ins, outs, stim, latency, stats):
     tokens = stim.shape[0]
-    in_members = [m for p in ins for m in _members(component, p)]
-    out_members = [m for p in outs for m in _members(component, p)]
+    # one Cat per direction: every ctx.set settles the whole design, so setting the inputs
+    # one by one would evaluate the combinational logic once per input element
+    inputs = Cat(*(m for p in ins for m in _members(component, p)), component.valid)
+    outputs = Cat(*(m for p in outs for m in _members(component, p)))
+    in_w = [p.width for p in ins for _ in range(p.count)] + [1]
+    out_w = [p.width for p in outs for _ in range(p.count)]
+    out_s = [p.signed for p in outs for _ in range(p.count)]
+    words = [_pack([*row, 1], in_w) for row in stim.tolist()]
     got: list[list[int]] = []
     cycles = 0
 
     async def bench(ctx):
         nonlocal cycles
         for t in range(tokens + latency):
-            if t < tokens:
-                for sig, v in zip(in_members, stim[t].tolist()):
-                    ctx.set(sig, v)
-            ctx.set(component.valid, int(t < tokens))
+            ctx.set(inputs, words[t] if t < tokens else 0)
             await ctx.tick()
             cycles += 1
             if ctx.get(component.ready):
-                got.append([ctx.get(s) for s in out_members])
+                got.append(_unpack(ctx.get(outputs), out_w, out_s))
 
+    t0 = time.perf_counter()
     sim = Simulator(component)
     sim.add_clock(1e-6)
     sim.add_testbench(bench)
+    stats["compile_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     sim.run()
     stats["run_s"] = time.perf_counter() - t0
-    return np.array(got, np.int64).reshape(len(got), len(out_members)), cycles
+    return np.array(got, np.int64).reshape(len(got), len(out_w)), cycles
 
 
 # --- Verilator -------------------------------------------------------------------------------
@@ -258,7 +281,10 @@ def _build(verilog_text: str, driver: str, top: str, env: dict[str, str], stats:
     ver = subprocess.run(["verilator", "--version"], env=env, capture_output=True, text=True).stdout
     flags = ["--cc", "--exe", "--build", "-j", "2", "--top-module", top, "--prefix", f"V{top}",
              "-Wno-fatal", "-Wno-lint", "-Wno-style", "--x-assign", "fast", "--x-initial", "fast",
-             "-CFLAGS", "-O1", "-o", "Vsim"]
+             "-CFLAGS", "-O1", "-o", "Vsim",
+             # the PyPI build's verilated.mk leaves the precompiled-header switch empty, so
+             # make would pass the .gch as an input file once a design spans several .cpp files
+             "-MAKEFLAGS", "CFG_CXXFLAGS_PCH_I=-include"]
     key = hashlib.sha256("\0".join([verilog_text, driver, ver, *flags]).encode()).hexdigest()[:20]
     exe = CACHE / key / "Vsim"
     stats["cached"] = exe.exists()

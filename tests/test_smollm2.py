@@ -78,3 +78,23 @@ def test_golden_greedy_generation_says_paris(smol, graph, fmt):
     qm = quantize_model(graph, QuantConfig(fmt), stats)
     text = greedy_golden(qm, tok, "The capital of France is", 3)
     assert "Paris" in text, text
+
+
+def test_golden_decode_with_kv_cache_equals_prefill(smol, graph):
+    """prefill(16) -> Q16 KV cache -> one decode step == last row of prefill(17), bit for bit."""
+    from tapeout.compiler.qmodel import QuantConfig, quantize_model
+    mod, _, tok = smol
+    pre17 = frontend(mod.export(seq_len=17))
+    dec = frontend(mod.export(variant="decode", past_len=16))
+    q16, q17, qd = (quantize_model(g, QuantConfig("int8")) for g in (graph, pre17, dec))
+    ids = np.array(tok("The quick brown fox jumps over the lazy dog because it wanted to see what the farmer was doing")["input_ids"][:17])
+    assert len(ids) == 17
+    att = [op for op in graph.ops if op.kind == "attention"]
+    names = {op.inputs[1]: f"past_key_values.{i}.key" for i, op in enumerate(att)}
+    names.update({op.inputs[2]: f"past_key_values.{i}.value" for i, op in enumerate(att)})
+    cache = {}
+    q16.golden().run({"input_ids": ids[None, :16]}, keep=lambda n, v: cache.__setitem__(names[n], v) if n in names else None)
+    assert len(cache) == 60 and set(cache) <= set(dec.inputs)
+    step = qd.golden().run({"input_ids": ids[None, 16:17], **{k: cache[k] for k in dec.inputs if k in cache}})
+    full = q17.golden().run({"input_ids": ids[None, :]})["logits"]
+    assert np.array_equal(step["logits"][0, 0], full[0, 16]) and full.shape[-1] == 49152
