@@ -225,23 +225,35 @@ def gelu(op, x):
     return 0.5 * x * (1 + _erf(x / math.sqrt(2)))
 
 
+def coerced(fn):
+    """Opset < 13 semantics (the importer sets ``coerce_2d``): flatten to 2-D at ``axis``
+    (default 1), apply over the trailing block, reshape back."""
+    def wrapped(op, x):
+        if not op.attr("coerce_2d", 0):
+            return fn(op, x, op.attr("axis", -1))
+        axis = op.attr("axis", 1) % max(x.ndim, 1)
+        lead = int(np.prod(x.shape[:axis], dtype=np.int64))
+        return fn(op, x.reshape(lead, -1), -1).reshape(x.shape)
+    return wrapped
+
+
 @kernel("Softmax")
-def softmax(op, x):
-    axis = op.attr("axis", -1)
+@coerced
+def softmax(op, x, axis):
     e = np.exp(x - np.max(x, axis=axis, keepdims=True))
     return e / np.sum(e, axis=axis, keepdims=True)
 
 
 @kernel("LogSoftmax")
-def log_softmax(op, x):
-    axis = op.attr("axis", -1)
+@coerced
+def log_softmax(op, x, axis):
     shifted = x - np.max(x, axis=axis, keepdims=True)
     return shifted - np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))
 
 
 @kernel("Hardmax")
-def hardmax(op, x):
-    axis = op.attr("axis", -1)
+@coerced
+def hardmax(op, x, axis):
     out = np.zeros_like(x)
     np.put_along_axis(out, np.argmax(x, axis=axis, keepdims=True), 1, axis=axis)
     return out

@@ -98,6 +98,9 @@ def from_proto(model: onnx.ModelProto, *, file: str = "<memory>", base_dir: str 
             graph.add_constant(node.output[0], value)
             continue
         attrs = {a.name: _attr_value(a, file) for a in node.attribute}
+        if node.op_type in ("Softmax", "LogSoftmax", "Hardmax") and (node.domain or "") in KNOWN_DOMAINS \
+                and graph.meta["opsets"].get("", 0) < 13:
+            attrs["coerce_2d"] = 1          # the pre-13 flatten-to-2-D semantics
         graph.add_op(Op(node.op_type, name, tuple(node.input), tuple(node.output), attrs,
                         domain=node.domain or ""))
     for t in list(graph.producer) + graph.inputs:

@@ -88,3 +88,21 @@ def test_no_op_elimination_keeps_output_names():
     run_passes(g, ["eliminate-no-ops", "dead-code"])
     assert g.histogram() == {"Relu": 1} and g.outputs == ["y"]
     assert g.producer_op("y").kind == "Relu"
+
+
+def test_softmax_before_opset_13_flattens_at_axis():
+    import onnxruntime as ort
+    text = """
+    <ir_version: 6, opset_import: ["" : 11]>
+    g (float[2, 3, 4] x) => (float[2, 3, 4] y, float[2, 3, 4] z) {
+      y = Softmax<axis = 1>(x)
+      z = LogSoftmax(x)
+    }
+    """
+    model = parser.parse_model(text)
+    g = from_proto(model)
+    x = np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)
+    got = run(g, {"x": x})
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert np.allclose(got["y"], ref[0], atol=1e-6) and np.allclose(got["z"], ref[1], atol=1e-6)
+    assert not np.allclose(got["y"].sum(axis=1), 1.0)      # not the opset-13 per-axis softmax

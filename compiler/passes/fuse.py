@@ -596,7 +596,7 @@ class FuseAttention:
         if where is not None and prod(graph, where.inputs[0], "IsNaN") is not None:
             p = where.inputs[2]  # nan guard for fully-masked rows; the fused softmax yields 0 there
         sm = prod(graph, p, "Softmax")
-        if sm is None or sm.attr("axis", -1) not in (-1, 3):
+        if sm is None or sm.attr("axis", 1 if sm.attr("coerce_2d", 0) else -1) not in (-1, 3):
             return False
         scores, mask = sm.inputs[0], ""
         scores, s_factor = _strip_scale(graph, scores)
