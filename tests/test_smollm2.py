@@ -98,3 +98,27 @@ def test_golden_decode_with_kv_cache_equals_prefill(smol, graph):
     step = qd.golden().run({"input_ids": ids[None, 16:17], **{k: cache[k] for k in dec.inputs if k in cache}})
     full = q17.golden().run({"input_ids": ids[None, :]})["logits"]
     assert np.array_equal(step["logits"][0, 0], full[0, 16]) and full.shape[-1] == 49152
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "w3o6"])
+def test_whole_model_fabric_model_equals_golden(smol, graph, fmt):
+    """The mask-ROM chip's fabric model, run from the extracted via layers, on the whole forward."""
+    from tapeout.backends.maskrom.base import choose_base
+    from tapeout.backends.maskrom.compile import specs_of
+    from tapeout.backends.maskrom.fabric import fabric_model
+    from tapeout.backends.maskrom.layers import build_layers, lvs
+    from tapeout.compiler.qmodel import QuantConfig, calibrate, quantize_model, windows
+    _, _, tok = smol
+    stats = None
+    if fmt == "w3o6":
+        calib = np.array(tok(open(REPO / "compiler/data/calib.txt").read())["input_ids"])
+        stats = calibrate(graph, windows(calib[:256], 16))
+    qm = quantize_model(graph, QuantConfig(fmt, quantize_head=True), stats)
+    specs = specs_of(qm)
+    base = choose_base(fmt, [s.shape for s in specs], 0)
+    layers = build_layers(base, specs)
+    assert lvs(layers, specs) > 134_000_000
+    x, _ = prompt_ids(tok)
+    fab = fabric_model(graph, layers).run({"input_ids": x})["logits"]
+    gold = qm.golden().run({"input_ids": x})["logits"]
+    assert fab.size == 16 * 49152 and np.array_equal(fab, gold)
