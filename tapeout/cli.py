@@ -196,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"tapeout: error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:          # output piped into `head` and closed: not an error
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         progress.abort()
         print("tapeout: interrupted", file=sys.stderr)

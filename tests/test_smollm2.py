@@ -122,3 +122,29 @@ def test_whole_model_fabric_model_equals_golden(smol, graph, fmt):
     fab = fabric_model(graph, layers).run({"input_ids": x})["logits"]
     gold = qm.golden().run({"input_ids": x})["logits"]
     assert fab.size == 16 * 49152 and np.array_equal(fab, gold)
+
+
+def test_diff_smollm2_against_its_fine_tune(tmp_path):
+    """A real update: SmolLM2 and a 20-step AdamW fine-tune (models/smollm2_finetune.py), both nvfp4."""
+    import json
+
+    from tapeout.cli import main
+    ft = load_models_module("smollm2_finetune")
+    smol = load_models_module("smollm2")
+    chips = []
+    for name, model in (("base", smol.export()), ("ft", ft.export())):
+        out = tmp_path / name
+        assert main(["compile", str(model), "--target", "maskrom", "--format", "nvfp4", "--verify", "none",
+                     "-o", str(out)]) == 0
+        chips.append(out)
+    report = tmp_path / "diff.json"
+    import contextlib
+    import io
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["diff", str(chips[0]), str(chips[1]), "--json", "--fail-on-change"]) == 1
+    r = json.loads(buf.getvalue())
+    report.write_text(buf.getvalue())
+    assert r["base_identical"] and r["tiles"] == 32832
+    assert 0.005 < r["fraction"] < 0.05                  # a light fine-tune moves a few % of the vias
+    assert len(r["per_layer"]) == 31 and r["layers"]["V_CODE"]["changed"] > 1_000_000

@@ -236,7 +236,7 @@ def heatmap_png(r: dict, base_tiles: int) -> bytes:
     img = np.full(side * side, np.nan)
     img[: len(frac)] = frac
     fig, ax = plt.subplots(figsize=(6.5, 6))
-    im = ax.imshow(img.reshape(side, side), cmap="magma", vmin=0, vmax=max(float(frac.max(initial=0)), 1e-9),
+    im = ax.imshow(img.reshape(side, side), cmap=plt.get_cmap("magma").with_extremes(bad="#cccccc"), vmin=0, vmax=max(float(frac.max(initial=0)), 1e-9),
                    interpolation="nearest")
     ax.set_title(summary_line(r)[:90], fontsize=8)
     ax.set_xticks([])

