@@ -21,8 +21,9 @@ demo: $(STAMP)
 	mkdir -p .cache
 	$(PY) models/tiny.py --family llama --exporter dynamo --opset 20 --variant prefill > .cache/demo-model.txt
 	$(VENV)/bin/tapeout inspect $$(cat .cache/demo-model.txt)
-	$(VENV)/bin/tapeout compile $$(cat .cache/demo-model.txt) -o out/demo
-	@echo "results: out/demo/ (graph.txt, graph.json, manifest.json)"
+	$(VENV)/bin/tapeout compile $$(cat .cache/demo-model.txt) --target maskrom --format nvfp4 --gds-tiles all -o out/demo
+	$(VENV)/bin/tapeout estimate --hf-config backends/maskrom/configs/smollm2-135m.json --format nvfp4
+	@echo "results: out/demo/ (report.json, layers/, layout/tiles.gds, layout/die.png, manifest.json)"
 
 # two xdist workers on two cores: one BLAS thread each (spinning BLAS threads oversubscribe)
 test: $(STAMP)
