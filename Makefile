@@ -29,6 +29,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	OPENBLAS_NUM_THREADS=1 $(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
 
+test-rtl: $(STAMP)
+	OPENBLAS_NUM_THREADS=1 $(PY) -m pytest -q -n 2 -m rtl $(PYTEST_ARGS)
+
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 

@@ -13,6 +13,8 @@ from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
+from .reference import extract_codes
+
 __all__ = ["RomTile", "tree_sum", "shift_left"]
 
 
@@ -143,7 +145,6 @@ class RomTile(wiring.Component):
     @property
     def codes(self) -> np.ndarray:
         """int64 [rows, cols]: the codes the vias encode (extraction: coarse + fine)."""
-        from .reference import extract_codes
         return extract_codes(self.v_code, self.v_fine, self.coarse, self.fine)
 
     def elaborate(self, platform):
@@ -166,13 +167,15 @@ class RomTile(wiring.Component):
             shifted = []
             for u in range(nu):
                 gs = int(self.group_scale[r, u])
+                if gs == 0:                     # a zero group scale: the unit adds nothing
+                    continue
                 terms = []
                 for c in range(u * self.unit, (u + 1) * self.unit):
                     if self.v_code[r, c] >= 0:
                         terms.append(line(c, self.coarse[self.v_code[r, c]]))
                     if self.v_fine[r, c] >= 0:
                         terms.append(line(c, self.fine[self.v_fine[r, c]]))
-                if not terms or gs == 0:
+                if not terms:
                     continue
                 part = tree_sum(terms)
                 part_sig = Signal(part.shape(), name=f"part_r{r}_u{u}")
