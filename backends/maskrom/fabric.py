@@ -26,14 +26,11 @@ def fabric_linear(fam: Family):
         o_dim, i_dim = L.codes.shape
         lead = x.shape[:-1]
         X = x.reshape(-1, i_dim)
-        elems, sh = fx.mx_quantize(X, gm.config.act_bits, gm.config.block)
         blk = fx.mx_block(i_dim, gm.config.block)
         unit = math.gcd(fam.unit, blk, L.group_size) if L.group_size < fam.unit else math.gcd(fam.unit, blk)
         nu = i_dim // unit
-        units = np.arange(nu) * unit
-        su = sh[:, units // blk]
-        emin = su.min(axis=1)
-        gs = L.group_scale[:, units // L.group_size]
+        elems, su, emin = fx.mx_units(X, unit, gm.config.act_bits, gm.config.block)
+        gs = L.group_scale[:, (np.arange(nu) * unit) // L.group_size]
         per_tile = fam.tile_cols // unit
         acc = np.zeros((X.shape[0], o_dim), np.int64)
         for t0 in range(0, nu, per_tile):                       # one column tile at a time

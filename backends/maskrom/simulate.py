@@ -32,13 +32,9 @@ def select(layers, names: list[str] | None) -> list[int]:
 def fabric_inputs(x_q16: np.ndarray, unit: int, act_bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Golden's MXINT quantisation of a linear's Q16 input, as the fabric's ports take it."""
     i_dim = x_q16.shape[-1]
-    elems, sh = fx.mx_quantize(x_q16.astype(np.int64), act_bits)
-    blk = fx.mx_block(i_dim)
-    u = math.gcd(unit, blk)
-    su = sh[:, (np.arange(i_dim // unit) * unit) // blk] if u == unit else None
-    if su is None:
+    if math.gcd(unit, fx.mx_block(i_dim)) != unit:
         raise TapeoutError(f"the fabric unit {unit} does not divide the input blocks of {i_dim} features")
-    emin = su.min(axis=1)
+    elems, su, emin = fx.mx_units(x_q16.astype(np.int64), unit, act_bits)
     return elems, su - emin[:, None], emin
 
 

@@ -171,3 +171,13 @@ def int_matmul(a: np.ndarray, b: np.ndarray, bmax: int | None = None,
         bf = (b_f64 if b_f64 is not None else b).astype(np.float64, copy=False)
         return np.matmul(a.astype(np.float64), bf).astype(np.int64)
     return np.matmul(a.astype(np.int64), b.astype(np.int64))
+
+
+def mx_units(x: np.ndarray, unit: int, bits: int = 8, block: int = MX_BLOCK):
+    """MXINT elements of Q16 ``x`` [T, D], the block shift of each ``unit``-wide slice
+    [T, D/unit] and each row's minimum shift [T]: the inputs every linear datapath takes."""
+    elems, sh = mx_quantize(x, bits, block)
+    blk = mx_block(x.shape[-1], block)
+    units = np.arange(x.shape[-1] // unit) * unit
+    su = sh[:, units // blk]
+    return elems, su, su.min(axis=1)

@@ -168,13 +168,9 @@ def linear_int(gm: Golden, L: IntLinear, x: np.ndarray, what: str) -> np.ndarray
     o_dim, i_dim = L.codes.shape
     lead = x.shape[:-1]
     X = x.reshape(-1, i_dim)
-    elems, sh = fx.mx_quantize(X, gm.config.act_bits, gm.config.block)
-    blk = fx.mx_block(i_dim, gm.config.block)
-    unit = math.gcd(blk, L.group_size)
+    unit = math.gcd(fx.mx_block(i_dim, gm.config.block), L.group_size)
     nu = i_dim // unit
-    units = np.arange(nu) * unit
-    su = sh[:, units // blk]                                # [T, nu]
-    emin = su.min(axis=1)                                   # [T]
+    elems, su, emin = fx.mx_units(X, unit, gm.config.act_bits, gm.config.block)   # su [T, nu], emin [T]
     # fold the block exponents into x (the group scales are already folded into scaled_t):
     # exact integers, so one product over the row gives sum_u gs * part_u * 2**(s_u - emin)
     xs = (elems.reshape(-1, nu, unit) << (su - emin[:, None])[:, :, None]).reshape(-1, i_dim)
