@@ -125,13 +125,3 @@ def bind(graph: Graph, binding: Binding = Binding()) -> dict[str, int]:
                            f"({', '.join(f'{n}={graph.tensors[n]}' for n in graph.inputs)})",
                            file=file, node=e.op.name, op=e.op.kind) from None
     return symbols
-
-
-def is_bound(graph: Graph) -> bool:
-    return all(graph.tensors[i].static for i in graph.inputs) and all(
-        graph.tensors.get(t) is not None and graph.tensors[t].static for t in graph.producer)
-
-
-def input_summary(graph: Graph) -> list[tuple[str, str]]:
-    return [(n, str(graph.tensors[n])) for n in graph.inputs]
-

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import networkx as nx
 import numpy as np
@@ -188,11 +188,9 @@ class Graph:
 
     @property
     def ops(self) -> Iterator[Op]:
-        for n in nx.lexicographical_topological_sort(self.nx, key=self._order_key):
+        # ties between independent ops break by name, so the order is deterministic
+        for n in nx.lexicographical_topological_sort(self.nx, key=str):
             yield self.nx.nodes[n]["op"]
-
-    def _order_key(self, name: str) -> Any:
-        return self.nx.nodes[name].get("order", 0), name
 
     def producer_op(self, tensor: str) -> Op | None:
         p = self.producer.get(tensor)
@@ -215,12 +213,6 @@ class Graph:
 
     def __repr__(self) -> str:
         return f"Graph({self.name!r}, {len(self)} ops, {len(self.constants)} constants)"
-
-
-def topo_index(graph: Graph) -> None:
-    """Record the current topological order on every node so later rewrites keep it stable."""
-    for i, n in enumerate(nx.topological_sort(graph.nx)):
-        graph.nx.nodes[n]["order"] = i
 
 
 def verify(graph: Graph, *, require_static: bool = False) -> None:
@@ -260,9 +252,3 @@ def verify(graph: Graph, *, require_static: bool = False) -> None:
         info = graph.tensors[t]
         if info.shape is not None and tuple(v.shape) != tuple(info.shape):
             raise GraphError(f"constant {t!r} has shape {v.shape}, TensorInfo says {info.shape}")
-
-
-def iter_subgraphs(op: Op) -> Iterable["Graph"]:
-    for v in op.attrs.values():
-        if isinstance(v, Graph):
-            yield v

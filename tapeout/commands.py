@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from importlib import resources
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def cmd_inspect(args: argparse.Namespace, progress: Progress) -> int:
     else:
         print(render_summary(summary, list_ops=args.ops))
     if problems:
-        print(f"tapeout: error: {UnsupportedOps(args.model, problems)}", file=__import__("sys").stderr)
+        print(f"tapeout: error: {UnsupportedOps(args.model, problems)}", file=sys.stderr)
         return 2
     return 0
 

@@ -276,13 +276,10 @@ def via_maps(layers: ViaLayers, li: int) -> dict:
     requantisation constants, all read from the packed layers."""
     fam = layers.base.family
     e = extract(layers, li)
-    fb = fam.fine_bits
-    fine_val = e.codes & ((1 << fb) - 1) if fb else np.zeros_like(e.codes)
     vc, vf = decompose(e.codes, fam)
     U = fam.unit
     g = e.group_size
     unit_gs = np.repeat(e.group_scale, g // U, axis=1) if g >= U else e.group_scale[:, :: U // g]
-    del fine_val
     return {"v_code": vc.astype(np.int64) - 1, "v_fine": vf.astype(np.int64) - 1, "coarse": fam.coarse,
             "fine": fam.fine, "group_scale": unit_gs, "unit": U, "mult": e.mult, "nshift": e.shift,
             "bias": e.bias, "tile_rows": fam.tile_rows, "tile_cols": fam.tile_cols, "act_bits": fam.act_bits,

@@ -13,6 +13,7 @@ GDS layers (schematic geometry in micrometres, not a foundry PDK):
 """
 from __future__ import annotations
 
+import datetime
 import io
 import math
 
@@ -23,6 +24,7 @@ from .layers import ViaLayers, record_sizes, unpack
 PITCH = 0.1            # um between product lines
 ROW_PITCH = 0.2        # um between row lines
 VIA = 0.04             # um via square
+_EPOCH = datetime.datetime(2000, 1, 1)   # GDS headers carry a timestamp: fixed for determinism
 LAYERS = {"TILE": (1, 0), "PLINE": (2, 0), "ROWLINE": (3, 0), "V_CODE": (101, 0), "V_FINE": (102, 0),
           "TEXT": (63, 0)}
 
@@ -97,9 +99,6 @@ def write_gds(layers: ViaLayers, tiles: list[int], path) -> int:
     return vias
 
 
-import datetime as _dt  # noqa: E402  (GDS headers carry a timestamp: fix it for determinism)
-
-_EPOCH = _dt.datetime(2000, 1, 1)
 
 
 def _png(fig) -> bytes:
