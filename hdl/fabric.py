@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
-from amaranth.hdl import Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Module, Signal, signed, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from .reference import LEFT_CLAMP, RIGHT_MAX
+from .basetile import INT32_MAX, INT32_MIN, requantize_rtl
 from .romtile import RomTile, check_alphabet, check_int_array, check_positive, tree_sum, wrap
 
 __all__ = ["LinearFabric"]
-
-INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
 
 
 class LinearFabric(wiring.Component):
@@ -123,24 +121,8 @@ class LinearFabric(wiring.Component):
             accs = [m.submodules[f"tile_{i}_{j}"].acc[r] for j in range(n_j)]
             total = Signal(signed(self.acc_bits), name=f"acc_{o}")
             m.d.comb += total.eq(wrap(tree_sum(accs), self.acc_bits).as_signed())
-            m.d.sync += self.y[o].eq(self._requantize(m, o, total, emin))
+            bias = int(self.bias[o]) if self.bias is not None else None
+            m.d.sync += self.y[o].eq(requantize_rtl(m, str(o), total, int(self.mult[o]),
+                                                    int(self.nshift[o]), emin, bias, self.acc_bits))
         m.d.sync += self.ready.eq(ready)
         return m
-
-    def _requantize(self, m: Module, o: int, acc, emin):
-        """The saturated int32 ``y`` of row ``o`` (hdl.reference.requantize, gate for gate)."""
-        v = Signal(signed(self.acc_bits + 16), name=f"v_{o}")
-        m.d.comb += v.eq(acc * int(self.mult[o]))
-        k = Signal(signed(12), name=f"k_{o}")
-        m.d.comb += k.eq(int(self.nshift[o]) - emin)
-        amt = Mux(k - 1 > RIGHT_MAX, RIGHT_MAX, k - 1)[:6]
-        right = ((v >> amt) + 1) >> 1
-        lim = 1 << LEFT_CLAMP
-        s = (-k)[:5]
-        big = (v != 0) & ((-k >= LEFT_CLAMP) | (v >= lim) | (v < -lim))
-        small = v[:LEFT_CLAMP + 1].as_signed() << s
-        left = Mux(big, Mux(v < 0, -lim, lim), small)
-        r = Signal(signed(66), name=f"r_{o}")
-        m.d.comb += r.eq(Mux(k > 0, right, left))
-        y = r + (int(self.bias[o]) if self.bias is not None else 0)
-        return Mux(y > INT32_MAX, INT32_MAX, Mux(y < INT32_MIN, INT32_MIN, y))

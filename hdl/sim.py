@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from amaranth.hdl import Cat
+from amaranth.hdl import Cat, Shape
 from amaranth.sim import Simulator
 
 from .fabric import LinearFabric
 from .romtile import RomTile
 
-__all__ = ["simulate_fabric", "simulate_tile", "simulate", "verilator_available", "verilator_env",
+__all__ = ["simulate_fabric", "simulate_tile", "simulate", "run_rows", "verilator_available", "verilator_env",
            "to_verilog", "SimulationMismatch", "CACHE"]
 
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "verilator"
@@ -52,7 +52,7 @@ def _ports(component) -> tuple[list[Port], list[Port]]:
     for name, member in component.signature.members.items():
         if name in ("valid", "ready"):
             continue
-        shape = member.shape
+        shape = Shape.cast(member.shape)
         count = int(np.prod(member.dimensions)) if member.dimensions else 1
         port = Port(name, shape.width, shape.signed, count, bool(member.dimensions))
         (ins if member.flow.name == "In" else outs).append(port)
@@ -319,7 +319,10 @@ def _run_verilator(component, ins, outs, stim, latency, stats, expected, top):
     if not ok:
         raise RuntimeError(why)
     t0 = time.perf_counter()
-    text = to_verilog(component, top)
+    text = getattr(component, "_tapeout_verilog", {}).get(top)
+    if text is None:                     # converted once per component: a base tile is reused
+        text = to_verilog(component, top)
+        component._tapeout_verilog = {**getattr(component, "_tapeout_verilog", {}), top: text}
     stats["convert_s"] = time.perf_counter() - t0
     exe = _build(text, _driver(top, ins, outs, latency), top, env, stats)
     with tempfile.TemporaryDirectory(prefix="tapeout-vsim-") as tmp:
@@ -346,6 +349,23 @@ def _run_verilator(component, ins, outs, stim, latency, stats, expected, top):
 
 
 # --- entry points ----------------------------------------------------------------------------
+def run_rows(component, inputs: dict[str, np.ndarray], *, engine: str, stats: dict, name: str,
+             expected=None) -> tuple[np.ndarray, int]:
+    """Drive ``component`` with one stimulus row per cycle (``valid = 1``; member name -> int
+    array [rows, n] or [rows]) and return (the outputs of every cycle with ``ready = 1`` as
+    int64 [n_ready, sum of output elements], cycles). No comparison here except the
+    Verilator driver's own count against ``expected`` (``stats['driver_checked']``)."""
+    if engine not in ENGINES:
+        raise ValueError(f"Simulation engine must be one of {ENGINES}, not {engine!r}")
+    ins, outs = _ports(component)
+    rows = len(next(iter(inputs.values())))
+    stim = _stimulus(ins, inputs, rows)
+    latency = type(component).LATENCY
+    if engine == "amaranth":
+        return _run_amaranth(component, ins, outs, stim, latency, stats)
+    return _run_verilator(component, ins, outs, stim, latency, stats, expected, name)
+
+
 def simulate(component, inputs: dict[str, np.ndarray], *, engine: str = "amaranth", expected=None,
              stats: dict | None = None, name: str = "top") -> tuple[np.ndarray, int]:
     """Run ``component`` (a RomTile or LinearFabric: ``valid``/``ready`` plus data ports) on
@@ -360,16 +380,11 @@ def simulate(component, inputs: dict[str, np.ndarray], *, engine: str = "amarant
     if engine not in ENGINES:
         raise ValueError(f"Simulation engine must be one of {ENGINES}, not {engine!r}")
     stats = {} if stats is None else stats
-    ins, outs = _ports(component)
     tokens = len(next(iter(inputs.values())))
     if tokens == 0:
         raise ValueError("no tokens to simulate")
-    stim = _stimulus(ins, inputs, tokens)
-    latency = type(component).LATENCY
-    if engine == "amaranth":
-        got, cycles = _run_amaranth(component, ins, outs, stim, latency, stats)
-    else:
-        got, cycles = _run_verilator(component, ins, outs, stim, latency, stats, expected, name)
+    got, cycles = run_rows(component, inputs, engine=engine, stats=stats, name=name, expected=expected)
+    if engine == "verilator":
         if expected is not None and (stats["driver_checked"] != got.size or stats["driver_mismatches"]):
             _check(got, expected, tokens)            # the precise message
             raise SimulationMismatch(f"Verilator driver checked {stats['driver_checked']} of "

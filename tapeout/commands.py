@@ -299,12 +299,12 @@ def cmd_estimate(args: argparse.Namespace, progress: Progress) -> int:
 def cmd_simulate(args: argparse.Namespace, progress: Progress) -> int:
     from tapeout.backends.maskrom.simulate import simulate_chip
     progress.enabled = not args.json
-    r = simulate_chip(args.out, args.layer, args.engine, progress=progress.step)
+    r = simulate_chip(args.out, args.layer, args.engine, progress=progress.step, rtl=args.rtl)
     if args.json:
         print(dumps_json(r), end="")
     else:
         for x in r["per_linear"]:
-            print(f"{x['role']:24s} {x['shape'][0]:6d}x{x['shape'][1]:<6d} {x['checked']:8d} checked "
+            print(f"{x['role']:24s} {x['shape'][0]:6d}x{x['shape'][1]:<6d} {x['rtl']:6s} {x['checked']:8d} checked "
                   f"{x['mismatches']:4d} mismatches {x['cycles']:6d} cycles")
         print(f"{r['engine']}: {r['linears']} linears, {r['checked']} values checked, {r['mismatches']} "
               f"mismatches, {r['cycles']} cycles, {r['seconds']} s")

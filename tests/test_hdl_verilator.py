@@ -73,3 +73,19 @@ def test_tile_synthesises():
     assert result["cells"] > 0
     assert sum(result["cell_types"].values()) == result["cells"]
     assert any(t.startswith("$_SDFF") or t.startswith("$_DFF") for t in result["cell_types"])
+
+
+def test_base_tile_slots_verilator_equal_golden():
+    """The base-die tile (vias as data) under Verilator: a 100 x 160 w3o6 linear on 16 x 64 tiles."""
+    from tapeout.hdl.slots import simulate_linear_slots
+    rng = np.random.default_rng(51)
+    out, inn, tokens = 100, 160, 32
+    L, args = random_linear(rng, "w3o6", out, inn, 32, tile_rows=16, tile_cols=64)
+    args.update(act_bits=8, acc_bits=48)
+    x = random_q16(rng, tokens, inn)
+    gold = linear_int(GOLDEN, L, x, "test")
+    elems, sh, emin = mxint_inputs(x, 32)
+    stats = {}
+    y, _ = simulate_linear_slots(args, elems, sh, emin, engine="verilator", stats=stats)
+    assert y.shape == (tokens, out) and np.array_equal(y, gold)
+    assert stats["tiles"] == 7 * 3

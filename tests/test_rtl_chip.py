@@ -58,6 +58,14 @@ def test_verilator_on_two_linears(chips, capsys):
     assert r["engine"] == "verilator" and r["checked"] == 16 * (32 + 256) and r["mismatches"] == 0
 
 
+def test_base_die_rtl_on_a_tiny_linear(chips, capsys):
+    """--rtl base: the base die's tile with the via layers loaded as data (Amaranth simulator)."""
+    code, r, err = simulate_json(capsys, chips["llama"], "--rtl", "base", "--layer", "layers.0.k_proj")
+    assert code == 0, err
+    assert r["rtl"] == "base" and [x["rtl"] for x in r["per_linear"]] == ["base"]
+    assert r["checked"] == 16 * 32 and r["mismatches"] == 0
+
+
 @pytest.mark.rtl
 @pytest.mark.parametrize("fam", ["llama", "gpt2", "bert"])
 def test_every_linear_bit_exact_under_verilator(chips, capsys, fam):

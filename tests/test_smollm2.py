@@ -148,3 +148,30 @@ def test_diff_smollm2_against_its_fine_tune(tmp_path):
     assert r["base_identical"] and r["tiles"] == 32832
     assert 0.005 < r["fraction"] < 0.05                  # a light fine-tune moves a few % of the vias
     assert len(r["per_layer"]) == 31 and r["layers"]["V_CODE"]["changed"] > 1_000_000
+
+
+@pytest.mark.rtl
+def test_one_smollm2_layer_bit_exact_under_verilator(tmp_path):
+    """All 7 linears of layer 0 (nvfp4) on the base-die RTL under Verilator, every output
+    against golden's (compile's sim/ stimulus)."""
+    import contextlib
+    import io
+    import json
+
+    from tapeout.cli import main
+    from tapeout.hdl.sim import verilator_available
+    ok, why = verilator_available()
+    if not ok:
+        pytest.skip(why)
+    smol = load_models_module("smollm2")
+    out = tmp_path / "chip"
+    assert main(["compile", str(smol.export()), "--target", "maskrom", "--format", "nvfp4",
+                 "--verify", "none", "-o", str(out)]) == 0
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["simulate", str(out), "--layer", "layers.0", "--engine", "verilator", "--json"]) == 0
+    r = json.loads(buf.getvalue())
+    roles = [x["role"].split(".")[-1] for x in r["per_linear"]]
+    assert roles == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert all(x["rtl"] == "base" for x in r["per_linear"])
+    assert r["checked"] == 16 * (576 + 192 + 192 + 576 + 1536 + 1536 + 576) and r["mismatches"] == 0

@@ -38,10 +38,28 @@ def fabric_inputs(x_q16: np.ndarray, unit: int, act_bits: int) -> tuple[np.ndarr
     return elems, su - emin[:, None], emin
 
 
-def simulate_chip(folder: str | Path, names: list[str] | None, engine: str, progress=None) -> dict:
+RTL_KINDS = ("auto", "folded", "base")
+AUTO_FOLDED_TILES = 4      # --rtl auto: folded RTL up to this many tiles per linear, base-die RTL above
+
+
+def rtl_kind(rtl: str, n_tiles: int) -> str:
+    """``folded`` (the via layers as constants: the chip as made, a build per linear) or ``base``
+    (the base die's tile with the via layers as data: one build per family, tile by tile)."""
+    if rtl not in RTL_KINDS:
+        raise TapeoutError(f"--rtl must be one of {', '.join(RTL_KINDS)}, not {rtl!r}")
+    if rtl == "auto":
+        return "folded" if n_tiles <= AUTO_FOLDED_TILES else "base"
+    return rtl
+
+
+def simulate_chip(folder: str | Path, names: list[str] | None, engine: str, progress=None,
+                  rtl: str = "auto") -> dict:
     from tapeout.hdl.sim import simulate_fabric, verilator_available
+    from tapeout.hdl.slots import make_slot, simulate_linear_slots
     folder = Path(folder)
     layers = load_layers(folder)
+    rtl_kind(rtl, 1)                                  # reject a bad --rtl before any work
+    slot = None                                       # one base-die tile slot per chip (one family)
     if engine == "verilator":
         ok, why = verilator_available()
         if not ok:
@@ -56,22 +74,29 @@ def simulate_chip(folder: str | Path, names: list[str] | None, engine: str, prog
                                "this tapeout version", file=str(folder)) from None
         args = via_maps(layers, li)
         elems, sh, emin = fabric_inputs(x, args["unit"], args["act_bits"])
-        tokens = list(zip(elems, sh, emin))
+        o, i = layers.shapes[li]
+        kind = rtl_kind(rtl, -(-o // args["tile_rows"]) * -(-i // args["tile_cols"]))
         stats: dict = {}
-        label = f"{layers.roles[li]} ({layers.shapes[li][0]}x{layers.shapes[li][1]})"
+        label = f"{layers.roles[li]} ({o}x{i}, {kind} RTL)"
         ctx = progress(f"RTL {engine}: {label}") if progress else _null()
         with ctx:
-            got, cyc = simulate_fabric(args, tokens, engine=engine, stats=stats)
+            if kind == "folded":
+                got, cyc = simulate_fabric(args, list(zip(elems, sh, emin)), engine=engine, stats=stats)
+            else:
+                slot = slot or make_slot(args)
+                got, cyc = simulate_linear_slots(args, elems, sh, emin, engine=engine, stats=stats, slot=slot)
+        if got.shape != y.shape:
+            raise TapeoutError(f"RTL of {layers.roles[li]} returned {got.shape} values for golden's {y.shape}")
         bad = int(np.count_nonzero(got != y))
-        rows.append({"linear": layers.names[li], "role": layers.roles[li], "shape": list(layers.shapes[li]),
-                     "tokens": len(tokens), "checked": int(got.size), "mismatches": bad, "cycles": int(cyc),
+        rows.append({"linear": layers.names[li], "role": layers.roles[li], "shape": [o, i], "rtl": kind,
+                     "tokens": len(elems), "checked": int(got.size), "mismatches": bad, "cycles": int(cyc),
                      "cycles_per_s": round(stats.get("cycles_per_s", 0.0), 1)})
         checked += got.size
         mismatches += bad
         cycles += cyc
     if checked == 0:
         raise TapeoutError("simulated nothing: no values were checked")
-    return {"engine": engine, "linears": len(rows), "checked": int(checked), "mismatches": int(mismatches),
+    return {"engine": engine, "rtl": rtl, "linears": len(rows), "checked": int(checked), "mismatches": int(mismatches),
             "cycles": int(cycles), "seconds": round(time.perf_counter() - t0, 2), "per_linear": rows}
 
 
