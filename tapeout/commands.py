@@ -50,9 +50,12 @@ def cmd_inspect(args: argparse.Namespace, progress: Progress) -> int:
 def cmd_compile(args: argparse.Namespace, progress: Progress) -> int:
     binding = binding_from_args(args)
     model = Path(args.model)
-    if args.target == "maskrom":
+    if args.target == "systolic":
+        from tapeout.backends.systolic.machine import Machine
+        machine = Machine.from_options(args.machine)     # bad options fail before any work
+    if args.target in ("maskrom", "systolic"):
         if not args.format:
-            raise TapeoutError("--target maskrom needs --format (w3o6, nvfp4, mxfp4, int4, int8)")
+            raise TapeoutError(f"--target {args.target} needs --format (w3o6, nvfp4, mxfp4, int4, int8)")
         args.quantize_head = True        # one chip, one family: the LM head in the chip's format
         graph, qm, config, stats = _quantized(args, progress)
         reports = []
@@ -84,6 +87,20 @@ def cmd_compile(args: argparse.Namespace, progress: Progress) -> int:
                         f"{report['vias']['V_CODE']} V_CODE + {report['vias']['V_FINE']} V_FINE vias, "
                         f"LVS {report['lvs']['values_compared']} values equal, fabric == golden "
                         f"({report['fabric_vs_golden']['mode']}) on {report['fabric_vs_golden']['values_checked']} outputs")
+        if args.target == "systolic":
+            from tapeout.backends.systolic.compile import compile_systolic
+            report = compile_systolic(qm.golden(), out, machine, verify=args.verify != "none", step=progress.step)
+            options.update(format=config.fmt, group=args.group, outlier_frac=args.outlier_frac, gptq=args.gptq,
+                           rtn=args.rtn, machine=sorted(args.machine or []), verify=args.verify,
+                           model_path=str(model.resolve()), group_fallback=args.group_fallback,
+                           calib=args.calib and str(Path(args.calib).resolve()),
+                           calib_tokens=args.calib_tokens and str(Path(args.calib_tokens).resolve()),
+                           calib_max_tokens=args.calib_max_tokens, tokenizer=args.tokenizer)
+            sc = report["schedule"]
+            iv = report.get("isa_vs_golden")
+            headline = (f"{report['instructions']} instructions, makespan {sc['makespan']} cycles "
+                        f"({sc['ratio']:.3f}x the lower bound {sc['lower_bound']})"
+                        + (f", ISA simulator == golden on {iv['checked']} outputs" if iv else ""))
         with progress.step("hashing inputs and artifacts"):
             manifest = {"tool": "tapeout", "version": __version__, "command": "compile", "options": options,
                         "input": {"model": model.name, "sha256": input_hashes(model)}}
@@ -299,6 +316,10 @@ def cmd_estimate(args: argparse.Namespace, progress: Progress) -> int:
 def cmd_simulate(args: argparse.Namespace, progress: Progress) -> int:
     from tapeout.backends.maskrom.simulate import simulate_chip
     progress.enabled = not args.json
+    manifest = Path(args.out) / "manifest.json"
+    target = json.loads(manifest.read_text()).get("options", {}).get("target") if manifest.exists() else None
+    if target == "systolic":
+        return _simulate_systolic(args, progress)
     r = simulate_chip(args.out, args.layer, args.engine, progress=progress.step, rtl=args.rtl)
     if args.json:
         print(dumps_json(r), end="")
@@ -309,3 +330,59 @@ def cmd_simulate(args: argparse.Namespace, progress: Progress) -> int:
         print(f"{r['engine']}: {r['linears']} linears, {r['checked']} values checked, {r['mismatches']} "
               f"mismatches, {r['cycles']} cycles, {r['seconds']} s")
     return 1 if r["mismatches"] else 0
+
+
+def _simulate_systolic(args: argparse.Namespace, progress: Progress) -> int:
+    """Decode OUT/program.bin, run it on the ISA simulator with OUT/sim/feeds, compare with
+    OUT/sim/golden. The weights come from re-quantising the recorded model (its sha256 must
+    match the manifest) with the recorded options."""
+    import numpy as np
+
+    from tapeout.backends.systolic.isa import IsaError, decode
+    from tapeout.backends.systolic.isasim import run_program
+    from tapeout.backends.systolic.machine import Machine
+    if args.engine != "amaranth" or args.layer or args.rtl != "auto":
+        raise TapeoutError("a systolic folder is simulated whole on the ISA simulator: --engine, --layer and "
+                           "--rtl apply to mask-ROM chips")
+    out = Path(args.out)
+    man = json.loads((out / "manifest.json").read_text())
+    opt = man["options"]
+    model = Path(opt["model_path"])
+    if not model.exists() or input_hashes(model) != man["input"]["sha256"]:
+        raise TapeoutError(f"the compiled model {model} is missing or changed since compile (sha256 differs)",
+                           file=str(out))
+    feeds_dir, gold_dir = out / "sim/feeds", out / "sim/golden"
+    if not gold_dir.is_dir():
+        raise TapeoutError("no golden outputs in sim/ (compiled with --verify none)", file=str(out))
+    ns = argparse.Namespace(**{**vars(args), "model": str(model), "format": opt["format"], "group": opt["group"],
+                               "outlier_frac": opt["outlier_frac"], "gptq": opt["gptq"], "rtn": opt["rtn"],
+                               "quantize_head": True, "seq_len": opt["seq_len"], "past_len": opt["past_len"],
+                               "batch": opt["batch"], "dim": [f"{k}={v}" for k, v in opt["dims"].items()],
+                               "group_fallback": opt["group_fallback"], "calib": opt["calib"],
+                               "calib_tokens": opt["calib_tokens"], "calib_max_tokens": opt["calib_max_tokens"],
+                               "tokenizer": opt["tokenizer"], "json": True})
+    _, qm, _, _ = _quantized(ns, progress)
+    machine = Machine.from_options(opt["machine"])
+    try:
+        prog = decode((out / "program.bin").read_bytes())
+        feeds = {p.stem: np.load(p) for p in sorted(feeds_dir.glob("*.npy"))}
+        stats: dict = {}
+        with progress.step(f"ISA simulator: {len(prog)} instructions"):
+            got = run_program(qm.golden(), machine, prog, feeds, stats)
+    except IsaError as e:
+        raise TapeoutError(f"program.bin: {e}", file=str(out)) from None
+    checked = mismatches = 0
+    for p in sorted(gold_dir.glob("*.npy")):
+        g = np.load(p)
+        checked += g.size
+        mismatches += int(np.count_nonzero(got[p.stem] != g))
+    if checked == 0:
+        raise TapeoutError("simulated nothing: no values were checked")
+    r = {"engine": "isa", "checked": int(checked), "mismatches": mismatches, "cycles": stats["cycles"],
+         "instructions": stats["instructions"], "per_opcode": stats["per_op"]}
+    if args.json:
+        print(dumps_json(r), end="")
+    else:
+        print(f"isa: {len(prog)} instructions, {checked} values checked, {mismatches} mismatches, "
+              f"{stats['cycles']} cycles")
+    return 1 if mismatches else 0
