@@ -17,7 +17,7 @@ from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
 from .reference import LEFT_CLAMP, RIGHT_MAX
-from .romtile import check_alphabet, check_positive, shift_left, tree_sum, wrap
+from .romtile import check_positive, set_tile_params, shift_left, tree_sum, wrap
 
 __all__ = ["BaseTile", "TileSlot", "requantize_rtl", "INT32_MIN", "INT32_MAX"]
 
@@ -72,17 +72,8 @@ class BaseTile(wiring.Component):
 
     def __init__(self, rows, cols, unit, *, coarse, fine=(), act_bits=8, shift_bits=5, acc_bits=48,
                  gs_bits=32):
-        self.rows = check_positive("Tile rows", rows)
-        self.cols = check_positive("Tile columns", cols)
-        self.unit = check_positive("Tile unit", unit)
-        if cols % unit:
-            raise ValueError(f"Tile unit must divide the tile columns ({cols}), not {unit!r}")
-        self.act_bits = check_positive("Activation bits", act_bits)
-        self.shift_bits = check_positive("Shift bits", shift_bits)
-        self.acc_bits = check_positive("Accumulator bits", acc_bits)
+        set_tile_params(self, rows, cols, unit, coarse, fine, act_bits, shift_bits, acc_bits)
         self.gs_bits = check_positive("Group scale bits", gs_bits)
-        self.coarse = check_alphabet("Coarse", coarse, allow_empty=False)
-        self.fine = check_alphabet("Fine", fine, allow_empty=True)
         nu = cols // unit
         members = {
             "x": In(signed(act_bits)).array(cols),

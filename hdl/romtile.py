@@ -52,6 +52,20 @@ def check_int_array(what: str, value, shape: tuple[int, ...], lo: int, hi: int |
     return arr
 
 
+def set_tile_params(tile, rows, cols, unit, coarse, fine, act_bits, shift_bits, acc_bits) -> None:
+    """Check and set the geometry, widths and alphabets shared by RomTile and BaseTile."""
+    tile.rows = check_positive("Tile rows", rows)
+    tile.cols = check_positive("Tile columns", cols)
+    tile.unit = check_positive("Tile unit", unit)
+    if cols % unit:
+        raise ValueError(f"Tile unit must divide the tile columns ({cols}), not {unit!r}")
+    tile.act_bits = check_positive("Activation bits", act_bits)
+    tile.shift_bits = check_positive("Shift bits", shift_bits)
+    tile.acc_bits = check_positive("Accumulator bits", acc_bits)
+    tile.coarse = check_alphabet("Coarse", coarse, allow_empty=False)
+    tile.fine = check_alphabet("Fine", fine, allow_empty=True)
+
+
 # --- arithmetic building blocks ---------------------------------------------------------------
 def tree_sum(terms: list):
     """Balanced adder tree (depth log2 n, widths grow by one bit per level); 0 when empty."""
@@ -118,16 +132,7 @@ class RomTile(wiring.Component):
 
     def __init__(self, rows, cols, unit, *, coarse, fine=(), v_code, v_fine=None, group_scale,
                  act_bits=8, shift_bits=5, acc_bits=48):
-        self.rows = check_positive("Tile rows", rows)
-        self.cols = check_positive("Tile columns", cols)
-        self.unit = check_positive("Tile unit", unit)
-        if cols % unit:
-            raise ValueError(f"Tile unit must divide the tile columns ({cols}), not {unit!r}")
-        self.act_bits = check_positive("Activation bits", act_bits)
-        self.shift_bits = check_positive("Shift bits", shift_bits)
-        self.acc_bits = check_positive("Accumulator bits", acc_bits)
-        self.coarse = check_alphabet("Coarse", coarse, allow_empty=False)
-        self.fine = check_alphabet("Fine", fine, allow_empty=True)
+        set_tile_params(self, rows, cols, unit, coarse, fine, act_bits, shift_bits, acc_bits)
         shape = (rows, cols)
         self.v_code = check_int_array("Via map v_code", v_code, shape, -1, len(self.coarse))
         if v_fine is None:

@@ -28,20 +28,15 @@ def sample_feeds(gm: Golden) -> dict:
 def layer_report(gm: Golden, machine: Machine, low) -> list[dict]:
     """Per linear: cycles from its first to its last instruction, the roofline bound
     max(MACs / n^2, weight bytes / DRAM bandwidth) and utilisation = bound / cycles."""
-    prog, sched = low.program, low.schedule
+    prog = low.program
     start = prog["cycle"].astype(np.int64)
     end = start + low.durations
-    rows = []
     layer = prog["layer"].astype(np.int64)
-    first = np.full(len(low.names), -1, np.int64)
+    first = np.full(len(low.names), np.iinfo(np.int64).max)
     last = np.zeros(len(low.names), np.int64)
+    np.minimum.at(first, layer, start)
     np.maximum.at(last, layer, end)
-    order = np.argsort(start, kind="stable")
-    seen = np.zeros(len(low.names), bool)
-    for j in order:                       # earliest start per layer
-        lj = layer[j]
-        if not seen[lj]:
-            seen[lj], first[lj] = True, start[j]
+    rows = []
     for li, op in enumerate(gm.order):
         if op.kind != "linear":
             continue

@@ -33,7 +33,7 @@ def run_program(gm: Golden, machine: Machine, prog: np.ndarray, feeds: dict, sta
     env: dict[str, np.ndarray] = {k: np.asarray(v).astype(np.int64) if np.asarray(v).dtype.kind in "iu"
                                   else np.asarray(v) for k, v in feeds.items()}
     ready: dict[str, int] = {k: 0 for k in env}
-    xq: dict[int, tuple] = {}                  # layer -> (elems, su, emin, ready)
+    xq: dict[int, tuple] = {}                  # layer -> (elems, su, emin, ready, leading shape)
     strips: dict[int, dict] = {}               # buffer -> strip
     array = None                               # (layer, i, k, weights, ready)
     acc: dict[tuple[int, int], list] = {}      # (layer, i) -> [values, ready]
@@ -65,7 +65,6 @@ def run_program(gm: Golden, machine: Machine, prog: np.ndarray, feeds: dict, sta
         counts[r["op"]] += 1
         op = gm.order[layer] if layer < len(gm.order) else None
         if opname == "QUANT_X":
-            L = gm.linears[op.name]
             geo = cost.geometry(layer)
             x = tensor(op.inputs[0], cycle, j, opname)
             X = x.reshape(-1, geo["in"])

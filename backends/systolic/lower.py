@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tapeout.compiler.golden import fixed as fx
-from tapeout.compiler.golden.model import Golden
+from tapeout.compiler.golden.model import PLUMBING, Golden
 from tapeout.compiler.schedule import Problem, Resource, list_schedule
 
 from .isa import FLAG_FIRST, FLAG_LAST, INSTR, OP
@@ -26,6 +26,8 @@ from .machine import Machine
 
 __all__ = ["Lowered", "lower", "linear_geometry", "VEC_COST"]
 
+# ops that only change the view of a tensor cost nothing; gathers and Where move data
+FREE_OPS = PLUMBING - {"Gather", "GatherElements", "GatherND", "Where"}
 # vector-unit work per output element, in lane-cycles (docs/isa.md, "Cycle model")
 VEC_COST = {"rmsnorm": 4, "layernorm": 6, "softmax": 4, "silu": 2, "gelu": 2, "gated_mlp": 3, "rope": 3}
 
@@ -34,11 +36,8 @@ VEC_COST = {"rmsnorm": 4, "layernorm": 6, "softmax": 4, "silu": 2, "gelu": 2, "g
 class Lowered:
     program: np.ndarray          # INSTR rows, program order, issue cycles filled in
     names: list[str]             # layer index -> op name
-    kinds: list[str]             # layer index -> op kind
     schedule: object             # compiler.schedule.Schedule over instructions and pseudo (drain) tasks
-    task_of: np.ndarray          # instruction index -> task id
     durations: np.ndarray        # per instruction, cycles
-    tokens: int
 
 
 def linear_geometry(gm: Golden, name: str, machine: Machine) -> dict:
@@ -103,7 +102,7 @@ class CycleModel:
             return self.dma(rows_i * (geo["in"] * geo["w_bits"] / 8 + (geo["in"] // geo["group"]) * 2 + 8))
         op = self.gm.order[layer]
         if opname == "VEC":
-            work = vec_work(self.gm, op) if op.kind not in _PLUMBING else 0
+            work = vec_work(self.gm, op) if op.kind not in FREE_OPS else 0
             return -(-work // lanes) + (1 if work else 0)
         if opname == "STORE":
             return sum(self.dma(4 * _elems(self.gm, o)) for o in self.gm.graph.outputs)
@@ -112,22 +111,18 @@ class CycleModel:
 
 def lower(gm: Golden, machine: Machine, progress=None) -> Lowered:
     """Microcode and static schedule of ``gm``'s whole graph."""
-    n, lanes = machine.n, machine.vector_lanes
+    n = machine.n
     g = gm.graph
-    T_model = max((_rows(gm, op.inputs[0]) for op in gm.order if op.kind == "linear"), default=1)
     names = [op.name for op in gm.order]
-    kinds = [op.kind for op in gm.order]
     p = Problem(resources=[Resource("dma_in"), Resource("array"), Resource("vector"), Resource("dma_out"),
                            Resource("pipe", machine.latency + 1)])
     rows: list[tuple] = []            # (op, buf, flags, layer, i, k, t0, t)
     durs: list[int] = []
     producers: dict[str, list[int]] = {}      # tensor -> tasks that write it
-
     task_of: list[int] = []           # instruction index -> task id (pseudo tasks have no instruction)
-
     cost = CycleModel(gm, machine)
 
-    def emit(opname, resource, _, deps, layer, i=0, k=0, buf=0, flags=0, t=0):
+    def emit(opname, resource, deps, layer, i=0, k=0, buf=0, flags=0, t=0):
         duration = cost(opname, layer, i, t)
         tid = p.add(opname, resource, int(duration), deps)
         task_of.append(tid)
@@ -143,34 +138,33 @@ def lower(gm: Golden, machine: Machine, progress=None) -> Lowered:
         if op.kind == "linear":
             geo = linear_geometry(gm, op.name, machine)
             T = _rows(gm, op.inputs[0])
-            qx = emit("QUANT_X", "vector", 0, deps, layer, t=T)
+            qx = emit("QUANT_X", "vector", deps, layer, t=T)
             req = []
             for i in range(geo["n_i"]):
-                rows_i = min(n, geo["out"] - i * n)
                 s = len(strip_last_read)
                 war = [strip_last_read[s - 2]] if s >= 2 else []       # double buffering
-                lw = emit("LOAD_W", "dma_in", 0, war, layer, i=i, buf=s % 2, t=T)
+                lw = emit("LOAD_W", "dma_in", war, layer, i=i, buf=s % 2, t=T)
                 mm = last_mm                  # the array holds one weight block: in order
                 for k in range(geo["n_k"]):
                     flags = (FLAG_FIRST if k == 0 else 0) | (FLAG_LAST if k == geo["n_k"] - 1 else 0)
-                    pl = emit("PRELOAD", "array", n, [lw] + ([mm] if mm is not None else []), layer, i=i, k=k,
+                    pl = emit("PRELOAD", "array", [lw] + ([mm] if mm is not None else []), layer, i=i, k=k,
                               buf=s % 2, t=T)
-                    mm = emit("MATMUL", "array", T, [pl, qx], layer, i=i, k=k, buf=s % 2, flags=flags, t=T)
+                    mm = emit("MATMUL", "array", [pl, qx], layer, i=i, k=k, buf=s % 2, flags=flags, t=T)
                 last_mm = mm
                 # the array's fill/drain latency: a pseudo task, not an instruction
                 drain = p.add("drain", "pipe", machine.latency, [mm])
-                rq = emit("REQUANT", "vector", 0, [drain], layer, i=i, buf=s % 2, t=T)
+                rq = emit("REQUANT", "vector", [drain], layer, i=i, buf=s % 2, t=T)
                 strip_last_read.append(rq)    # REQUANT reads the strip's requantisation words
                 req.append(rq)
             out_tasks = req
         else:
             T = _rows(gm, op.outputs[0]) if op.outputs and op.outputs[0] else 1
-            out_tasks = [emit("VEC", "vector", 0, deps, layer, t=min(T, 4095))]
+            out_tasks = [emit("VEC", "vector", deps, layer, t=min(T, 4095))]
         for t in op.outputs:
             if t:
                 producers[t] = out_tasks
     # model outputs leave through the store DMA
-    emit("STORE", "dma_out", 0, sorted({d for t in g.outputs for d in producers.get(t, [])}), len(names) - 1)
+    emit("STORE", "dma_out", sorted({d for t in g.outputs for d in producers.get(t, [])}), len(names) - 1)
     n_instr = len(rows)
     if progress:
         progress(f"scheduling {len(p)} tasks")
@@ -180,8 +174,4 @@ def lower(gm: Golden, machine: Machine, progress=None) -> Lowered:
     for j, f in enumerate(("op", "buf", "flags", "layer", "i", "k", "t0", "t")):
         prog[f] = arr[:, j]
     prog["cycle"] = np.asarray(sched.start)[np.array(task_of, np.int64)]
-    return Lowered(prog, names, kinds, sched, np.array(task_of, np.int64), np.array(durs, np.int64), T_model)
-
-
-_PLUMBING = {"Reshape", "Transpose", "Concat", "Split", "Slice", "Squeeze", "Unsqueeze", "Expand",
-             "Identity", "Flatten", "Shape", "Cast", "Constant", "ConstantOfShape", "Range"}
+    return Lowered(prog, names, sched, np.array(durs, np.int64))

@@ -8,7 +8,7 @@ import numpy as np
 from tapeout.compiler.golden import fixed as fx
 from tapeout.compiler.golden.model import Golden
 
-from .lower import linear_geometry
+from .lower import CycleModel, linear_geometry
 from .machine import Machine
 
 __all__ = ["replay_tiles"]
@@ -46,7 +46,9 @@ def replay_tiles(gm: Golden, machine: Machine, feeds: dict, *, layer_name: str |
     stats: dict = {}
     got, cycles = run_rows(SystolicArray(n), stim, engine=engine, stats=stats, name="systolic")
     expect = np.concatenate(expect)
-    isa_cycles = tiles * (n + T) + machine.latency        # PRELOAD n + MATMUL T each, then the drain
+    cost = CycleModel(gm, machine)                       # the ISA simulator's cycle model
+    layer = next(j for j, o in enumerate(gm.order) if o.name == name)
+    isa_cycles = tiles * (cost("PRELOAD", layer) + cost("MATMUL", layer, t=T)) + machine.latency
     return {"layer": name, "tiles": tiles, "tokens": T, "checked": int(got.size),
             "mismatches": int(np.count_nonzero(got != expect)) if got.shape == expect.shape else int(expect.size),
             "rtl_cycles": int(cycles), "isa_cycles": int(isa_cycles),
