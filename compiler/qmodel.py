@@ -45,6 +45,33 @@ def window_feeds(graph: Graph, window: np.ndarray) -> dict[str, np.ndarray]:
     return feeds
 
 
+def sample_feeds(graph: Graph, seed: int = 0) -> dict[str, np.ndarray]:
+    """Golden feeds for a backend's self-check, for prefill and for decode graphs.
+
+    Token ids are drawn uniformly from the vocabulary (seeded, so artifacts stay
+    deterministic); masks are all ones; ``position_ids`` count on from the past length; a KV
+    cache input (any float input, e.g. ``past_key_values.0.key``) gets standard-normal values
+    in golden's Q16, which exercises every kernel like a real cache would."""
+    from .golden import fixed as fx
+    rng = np.random.default_rng(seed)
+    vocab = graph.tensors[graph.outputs[0]].shape[-1]
+    floats = [n for n in graph.inputs if np.dtype(graph.tensors[n].dtype).kind == "f"]
+    past = max((graph.tensors[n].shape[-2] for n in floats), default=0)
+    feeds = {}
+    for name in graph.inputs:
+        info = graph.tensors[name]
+        kind = np.dtype(info.dtype).kind
+        if kind == "f":
+            feeds[name] = fx.to_fixed(rng.standard_normal(info.shape))
+        elif "position" in name:
+            feeds[name] = np.broadcast_to(past + np.arange(info.shape[-1]), info.shape).astype(info.dtype)
+        elif "mask" in name:
+            feeds[name] = np.ones(info.shape, info.dtype)
+        else:
+            feeds[name] = rng.integers(0, vocab, info.shape).astype(info.dtype)
+    return feeds
+
+
 def windows(ids: np.ndarray, seq_len: int) -> list[np.ndarray]:
     """Non-overlapping windows of ``seq_len`` tokens (a trailing partial window is dropped)."""
     ids = np.asarray(ids).reshape(-1)

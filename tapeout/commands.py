@@ -172,9 +172,13 @@ def _quantized(args: argparse.Namespace, progress: Progress):
                          group_fallback=args.group_fallback)
     model = Path(args.model)
     graph = frontend(model, binding_from_args(args), step=progress.step)
-    seq = seq_len_of(graph)
     stats = None
     if config.needs_calibration:
+        if any(str(graph.tensors[n].dtype).startswith("float") for n in graph.inputs):
+            raise TapeoutError(f"{config.fmt} calibrates on prefill windows, and this is a decode export (KV-cache "
+                               "inputs); compile a prefill export, or use a format without calibration "
+                               "(nvfp4, mxfp4, int4, int8)", file=str(model))
+        seq = seq_len_of(graph)
         if args.calib_tokens:
             ids, source = _read_ids(args.calib_tokens), args.calib_tokens
         else:
