@@ -69,11 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL.onnx")
     p.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder (replaced if it "
                    "is an earlier tapeout output)")
-    p.add_argument("--target", choices=("none", "maskrom", "systolic"), default="none",
+    p.add_argument("--target", choices=("none", "maskrom", "systolic", "dataflow"), default="none",
                    help="backend: maskrom (base die + two via layers, docs/layout.md); systolic (microcode "
-                        "for a systolic array, docs/isa.md); none: graph only")
+                        "for a systolic array, docs/isa.md); dataflow (per-unit queues for a Groq-style "
+                        "streaming chip, docs/dataflow.md); none: graph only")
     p.add_argument("--machine", action="append", metavar="KEY=VALUE",
-                   help="systolic: machine option, e.g. n=32 or dram_bytes_per_cycle=128 (repeatable; docs/isa.md)")
+                   help="systolic/dataflow: machine option, e.g. n=32 (systolic) or mxm=8 (dataflow); "
+                        "repeatable; docs/isa.md, docs/dataflow.md")
     p.add_argument("--base", metavar="NAME", help="maskrom: a named base die (default: the smallest that fits)")
     p.add_argument("--context", type=int, default=2048, metavar="N",
                    help="maskrom: KV-cache length the SRAM must hold (default 2048)")
@@ -134,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Build the Amaranth RTL of the chosen linears from the chip's via layers "
                                    "(OUT/layers), drive each with golden's inputs (OUT/sim) and compare every "
                                    "output with golden, bit for bit. Exit 1 on any mismatch.")
-    p.add_argument("out", metavar="OUT", help="a `compile --target maskrom` or `--target systolic` folder")
+    p.add_argument("out", metavar="OUT", help="a `compile --target maskrom`, `systolic` or `dataflow` folder")
     p.add_argument("--layer", action="append", metavar="NAME",
                    help="a linear: op name, role (layers.0.q_proj) or prefix (layers.0); repeatable; default all")
     p.add_argument("--engine", choices=("amaranth", "verilator"), default="amaranth",

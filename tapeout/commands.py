@@ -53,7 +53,12 @@ def cmd_compile(args: argparse.Namespace, progress: Progress) -> int:
     if args.target == "systolic":
         from tapeout.backends.systolic.machine import Machine
         machine = Machine.from_options(args.machine)     # bad options fail before any work
-    if args.target in ("maskrom", "systolic"):
+    if args.target == "dataflow":
+        from tapeout.backends.dataflow.machine import Machine as DataflowMachine
+        machine = DataflowMachine.from_options(args.machine)
+    if args.machine and args.target not in ("systolic", "dataflow"):
+        raise TapeoutError("--machine applies to --target systolic and --target dataflow")
+    if args.target in ("maskrom", "systolic", "dataflow"):
         if not args.format:
             raise TapeoutError(f"--target {args.target} needs --format (w3o6, nvfp4, mxfp4, int4, int8)")
         args.quantize_head = True        # one chip, one family: the LM head in the chip's format
@@ -98,9 +103,28 @@ def cmd_compile(args: argparse.Namespace, progress: Progress) -> int:
                            calib_max_tokens=args.calib_max_tokens, tokenizer=args.tokenizer)
             sc = report["schedule"]
             iv = report.get("isa_vs_golden")
+            rate = (f"decode step {report['cycles_per_token']} cycles/token" if report["mode"] == "decode" else
+                    f"prefill {report['tokens_per_run']} tokens, {report['cycles_per_token']:g} cycles/token")
             headline = (f"{report['instructions']} instructions, makespan {sc['makespan']} cycles "
-                        f"({sc['ratio']:.3f}x the lower bound {sc['lower_bound']})"
-                        + (f", ISA simulator == golden on {iv['checked']} outputs" if iv else ""))
+                        f"({sc['ratio']:.3f}x the lower bound {sc['lower_bound']}); {rate}, "
+                        f"{report['tokens_per_s']:,.0f} tokens/s at {report['machine']['clock_hz'] / 1e9:g} GHz "
+                        f"(weight-DMA roofline {report['memory_roofline']['cycles']} cycles)"
+                        + (f"; ISA simulator == golden on {iv['checked']} outputs" if iv else ""))
+        if args.target == "dataflow":
+            from tapeout.backends.dataflow.compile import compile_dataflow
+            report = compile_dataflow(qm.golden(), out, machine, verify=args.verify != "none", step=progress.step)
+            options.update(format=config.fmt, group=args.group, outlier_frac=args.outlier_frac, gptq=args.gptq,
+                           rtn=args.rtn, machine=sorted(args.machine or []), verify=args.verify,
+                           model_path=str(model.resolve()), group_fallback=args.group_fallback,
+                           calib=args.calib and str(Path(args.calib).resolve()),
+                           calib_tokens=args.calib_tokens and str(Path(args.calib_tokens).resolve()),
+                           calib_max_tokens=args.calib_max_tokens, tokenizer=args.tokenizer)
+            sc = report["schedule"]
+            sv = report.get("sim_vs_golden")
+            headline = (f"{report['chips']} chip(s), {report['instructions']} instructions, makespan {sc['makespan']} "
+                        f"cycles ({sc['ratio']:.3f}x the lower bound {sc['lower_bound']}), "
+                        f"{report['tokens_per_s_per_user']:.0f} tokens/s per user"
+                        + (f", simulator == golden on {sv['checked']} outputs" if sv else ""))
         with progress.step("hashing inputs and artifacts"):
             manifest = {"tool": "tapeout", "version": __version__, "command": "compile", "options": options,
                         "input": {"model": model.name, "sha256": input_hashes(model)}}
@@ -324,6 +348,8 @@ def cmd_simulate(args: argparse.Namespace, progress: Progress) -> int:
     target = json.loads(manifest.read_text()).get("options", {}).get("target") if manifest.exists() else None
     if target == "systolic":
         return _simulate_systolic(args, progress)
+    if target == "dataflow":
+        return _simulate_dataflow(args, progress)
     r = simulate_chip(args.out, args.layer, args.engine, progress=progress.step, rtl=args.rtl)
     if args.json:
         print(dumps_json(r), end="")
@@ -390,3 +416,75 @@ def _simulate_systolic(args: argparse.Namespace, progress: Progress) -> int:
         print(f"isa: {len(prog)} instructions, {checked} values checked, {mismatches} mismatches, "
               f"{stats['cycles']} cycles")
     return 1 if mismatches else 0
+
+
+def _recompiled(args: argparse.Namespace, out: Path, progress: Progress):
+    """The quantised model a compiled folder was made from: its recorded model (sha256 checked
+    against the manifest) re-quantised with the recorded options."""
+    man = json.loads((out / "manifest.json").read_text())
+    opt = man["options"]
+    model = Path(opt["model_path"])
+    if not model.exists() or input_hashes(model) != man["input"]["sha256"]:
+        raise TapeoutError(f"the compiled model {model} is missing or changed since compile (sha256 differs)",
+                           file=str(out))
+    ns = argparse.Namespace(**{**vars(args), "model": str(model), "format": opt["format"], "group": opt["group"],
+                               "outlier_frac": opt["outlier_frac"], "gptq": opt["gptq"], "rtn": opt["rtn"],
+                               "quantize_head": True, "seq_len": opt["seq_len"], "past_len": opt["past_len"],
+                               "batch": opt["batch"], "dim": [f"{k}={v}" for k, v in opt["dims"].items()],
+                               "group_fallback": opt["group_fallback"], "calib": opt["calib"],
+                               "calib_tokens": opt["calib_tokens"], "calib_max_tokens": opt["calib_max_tokens"],
+                               "tokenizer": opt["tokenizer"], "json": True})
+    _, qm, _, _ = _quantized(ns, progress)
+    return qm, opt
+
+
+def _simulate_dataflow(args: argparse.Namespace, progress: Progress) -> int:
+    """Check OUT/queues.bin statically, run it on the cycle-accurate simulator with OUT/sim/feeds
+    and compare every output with OUT/sim/golden."""
+    import numpy as np
+
+    from tapeout.backends.dataflow.check import check
+    from tapeout.backends.dataflow.isa import QueueError, decode
+    from tapeout.backends.dataflow.machine import Machine
+    from tapeout.backends.dataflow.sim import run_queues
+    if args.engine != "amaranth" or args.layer or args.rtl != "auto":
+        raise TapeoutError("a dataflow folder is simulated whole on the cycle-accurate simulator: --engine, "
+                           "--layer and --rtl apply to mask-ROM chips")
+    out = Path(args.out)
+    gold_dir = out / "sim/golden"
+    if not gold_dir.is_dir():
+        raise TapeoutError("no golden outputs in sim/ (compiled with --verify none)", file=str(out))
+    qm, opt = _recompiled(args, out, progress)
+    machine = Machine.from_options(opt["machine"])
+    report = json.loads((out / "report.json").read_text())
+    try:
+        queues = decode((out / "queues.bin").read_bytes())
+        memmap = json.loads((out / "memory.json").read_text())["copies"]
+        with progress.step(f"checker: {sum(len(q) for q in queues.values())} instructions"):
+            proof = check(machine, queues, memmap)
+        feeds = {p.stem: np.load(p) for p in sorted((out / "sim/feeds").glob("*.npy"))}
+        stats: dict = {}
+        with progress.step("cycle-accurate simulator"):
+            got = run_queues(qm.golden(), machine, queues, memmap, feeds, stats)
+    except QueueError as e:
+        raise TapeoutError(f"queues.bin: {e}", file=str(out)) from None
+    checked = mismatches = 0
+    for p in sorted(gold_dir.glob("*.npy")):
+        g = np.load(p)
+        checked += g.size
+        mismatches += int(np.count_nonzero(got[p.stem] != g))
+    if checked == 0:
+        raise TapeoutError("simulated nothing: no values were checked")
+    sc = report["schedule"]
+    r = {"engine": "dataflow", "checked": int(checked), "mismatches": mismatches, "cycles": stats["cycles"],
+         "makespan": sc["makespan"], "lower_bound_cycles": sc["lower_bound"],
+         "critical_path": sc["critical_path"], "resource_bound": sc["resource_bound"],
+         "instructions": stats["instructions"], "chips": report["chips"], "checker": proof}
+    if args.json:
+        print(dumps_json(r), end="")
+    else:
+        print(f"dataflow: {r['instructions']} instructions on {r['chips']} chip(s), checker proved "
+              f"{proof['transfers']} stream transfers, {checked} values checked, {mismatches} mismatches, "
+              f"{r['cycles']} cycles (makespan {sc['makespan']}, lower bound {sc['lower_bound']})")
+    return 1 if mismatches or stats["cycles"] != sc["makespan"] else 0
+

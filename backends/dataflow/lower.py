@@ -52,7 +52,10 @@ def nvec(nbytes: int, lanes: int) -> int:
 def linear_blocks(gm: Golden, name: str, m: Machine) -> dict:
     """Weight blocks of one linear: ``rows`` (a multiple of the MXINT/group unit dividing the
     input width, <= mxm_k) by ``cols`` (dividing the output width into a multiple of the MXM
-    count when it can, <= mxm_n), the bytes of one block and its install vectors."""
+    count when it can, <= mxm_n) and the bytes of one block: codes stored as indices into the
+    layer's alphabet (4 bits for nvfp4/mxfp4/int4, 8 for int8; w3o6 stores its 6-bit outliers
+    unpacked at the alphabet's width) plus the group scales; the last K block also carries the
+    requantisation words (multiplier, shift, bias: 10 bytes per output)."""
     L = gm.linears[name]
     o_dim, i_dim = L.codes.shape
     unit = math.gcd(fx.mx_block(i_dim, gm.config.block), L.group_size)
@@ -60,7 +63,10 @@ def linear_blocks(gm: Golden, name: str, m: Machine) -> dict:
     even = [c for c in range(1, min(m.mxm_n, o_dim) + 1) if o_dim % c == 0 and (o_dim // c) % m.mxm == 0]
     cols = max(even) if even else min(m.mxm_n, o_dim)
     n_i, n_k = -(-o_dim // cols), i_dim // rows
-    w_bits = max(2, int(np.abs(L.codes).max(initial=1)).bit_length() + 1)
+    codes = np.asarray(L.codes).ravel()
+    lo = int(codes.min(initial=0))
+    distinct = int(np.count_nonzero(np.bincount(codes.astype(np.int64) - lo)))
+    w_bits = max(1, math.ceil(math.log2(max(distinct, 2))))      # codes stored as indices of their alphabet
     gs_bits = max(1, int(np.abs(L.group_scale).max(initial=1)).bit_length() + 1)
     block = rows * cols * w_bits / 8 + cols * -(-rows // L.group_size) * gs_bits / 8
     return {"out": o_dim, "in": i_dim, "unit": unit, "rows": rows, "cols": cols, "n_i": n_i, "n_k": n_k,
@@ -246,9 +252,8 @@ class _Builder:
                 work = nvec(self._vec_work(op), m.lanes)
             out_off = max(n_in, work) + lat
             self.add_task(Task(kind, chip, layer, reads, outs, out_off + sum(o[1] for o in outs), out_off))
-        # the host reads the model outputs from their banks after the last instruction
-        for t in g.outputs:
-            self.value(t, self.n_chips - 1)
+        # the host reads every model output from the chip that produced it, after the last instruction
+        self.host_chip = {t: self.home(t) for t in g.outputs}
 
     def _vec_work(self, op) -> int:
         g = self.g
@@ -274,6 +279,10 @@ class _Builder:
             return out
         return [(key, self.v32(self.base(t)) if key[0] != "const" and key[0] != "constv" else self.v32(t),
                  WHOLE, j, 0)]
+
+    def home(self, t: str) -> int:
+        b = self.base(t)
+        return max((c for c in range(self.n_chips) if ("t", b, c) in self.producers), default=self.n_chips - 1)
 
     def value(self, t: str, chip: int) -> tuple:
         """The value key of tensor ``t`` for a reader on ``chip`` (routing it there if needed)."""
@@ -400,7 +409,8 @@ def lower(gm: Golden, m: Machine, progress=None) -> Plan:
 
 # --- copies and placement ---------------------------------------------------------------------
 def _copies(b: _Builder) -> list[Copy]:
-    """One copy per (value, reader); xq values one copy per MXM; host outputs one copy each."""
+    """Copies of every value: as few as its reads need (reads of one copy never overlap), plus
+    one per model output (block) for the host."""
     gm, g, m = b.gm, b.g, b.m
     copies: list[Copy] = []
     index: dict[tuple, Copy] = {}
@@ -423,32 +433,47 @@ def _copies(b: _Builder) -> list[Copy]:
             return 4 * b.elems(key[1]), True, ""
         return 4 * b.elems(key[1]), False, ""
 
-    def new(key, share: tuple | None = None) -> Copy:
-        if share is not None and share in index:
-            return index[share]
+    def new(key) -> Copy:
         nbytes, resident, gather = nbytes_of(key)
         c = Copy(len(copies), key[-1], key, nbytes, resident, gather=gather)
         copies.append(c)
-        if share is not None:
-            index[share] = c
         return c
 
-    b.read_copy: dict[tuple, Copy] = {}          # (task tid, operand index) -> copy
+    # the reads of one value (or one output block of a linear) share copies as long as they
+    # never overlap: interval colouring, with each read widened by the longest hop so no two
+    # reads of one copy can meet at its bank's read port whichever bank it lands in
+    requests: dict[tuple, list] = defaultdict(list)
     for t in b.tasks:
         for j, (key, n, region, _, delay) in enumerate(t.reads):
-            share = (key, t.unit) if key[0] == "xq" else None
-            c = new(key, share)
-            if key[0] == "t" and region != WHOLE:
-                c.part = region                 # one output block of a linear
+            part = region if key[0] == "t" and region != WHOLE else None
+            # an MXINT input: one copy per MXM; its reads are one after another and all cross
+            # the same hop, so they cannot meet at the bank
+            group = t.unit if key[0] == "xq" else None
+            wide = 0 if group else m.reach_act if key[0] == "t" else m.reach_all
+            requests[(key, part, group)].append((t.issue + delay - wide, t.issue + delay + n, t, j, n, region, delay))
+    b.read_copy: dict[tuple, Copy] = {}          # (task tid, read index) -> copy
+    for (key, part, _), reqs in requests.items():
+        reqs.sort(key=lambda r: (r[0], r[1], r[2].tid, r[3]))
+        free: list[tuple[int, int]] = []          # (end of last read, copy id)
+        for s0, e0, t, j, n, region, delay in reqs:
+            if free and free[0][0] <= s0:
+                c = copies[heapq.heappop(free)[1]]
+            else:
+                c = new(key)
+                c.part = part
+                if part is not None:
+                    c.nbytes = n * m.lanes          # one column block
             c.reads.append((t.unit, t.issue + delay, n, region))
             b.read_copy[(t.tid, j)] = c
+            heapq.heappush(free, (e0, c.id))
     for name in g.outputs:
-        key = b.value(name, b.n_chips - 1)
-        for _, _, region, _, _ in b.operand(name, b.n_chips - 1, 0):
+        key = b.value(name, b.host_chip[name])
+        for _, n, region, _, _ in b.operand(name, b.host_chip[name], 0):
             c = new(key)
             c.host = True
             if key[0] == "t" and region != WHOLE:
                 c.part = region
+                c.nbytes = n * m.lanes
     by_key = defaultdict(list)
     for c in copies:
         by_key[c.key].append(c)
@@ -523,8 +548,10 @@ def _place(b: _Builder, copies: list[Copy]) -> None:
             continue
         anchor = (c.reads or c.writes)[0][0] if (c.reads or c.writes) else f"c{c.chip}.vxm0"
         here = unit_slice(anchor)
-        pool = act if not c.resident else store + act
-        cands = sorted(pool, key=lambda bk: (m.hop(here, ("mem", bk)), bk))
+        near = lambda bk: (m.hop(here, ("mem", bk)), bk)          # noqa: E731
+        # activations only in the act pool (their hop bounds the flights); the load image in the
+        # other banks first, then in what the activations leave free
+        cands = sorted(act, key=near) if not c.resident else sorted(store, key=near) + sorted(act, key=near)
         size = -(-c.nbytes // m.lanes) * m.lanes
         placed = False
         for bank in cands:
