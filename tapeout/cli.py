@@ -154,7 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("model", nargs="?", metavar="MODEL.onnx")
     src.add_argument("--hf-config", metavar="config.json", help="a transformers config.json (no weights needed)")
-    p.add_argument("--target", choices=("maskrom",), default="maskrom")
+    p.add_argument("--target", choices=("maskrom", "dataflow"), default="maskrom",
+                   help="maskrom: the chip's area/energy/speed; dataflow: chips and tokens/s of a pipeline of "
+                        "dataflow chips (docs/dataflow.md)")
+    p.add_argument("--machine", action="append", metavar="KEY=VALUE",
+                   help="dataflow: machine option, e.g. bank_kib=4096 (repeatable)")
     p.add_argument("--format", required=True, metavar="F", help="w3o6 | nvfp4 | mxfp4 | int4 | int8")
     p.add_argument("--tech", default="n5", metavar="T", help="technology table: n5 (default), n7, n16 or a JSON file")
     p.add_argument("--context", type=int, metavar="N", help="KV-cache length (default 2048)")

@@ -335,6 +335,15 @@ def cmd_estimate(args: argparse.Namespace, progress: Progress) -> int:
         graph, _ = import_graph(args.model, binding_from_args(args), step=progress.step)
         fuse(graph, step=progress.step)
         shape = E.shape_from_summary(recognise(graph), context=ctx, name=Path(args.model).stem)
+    if args.target == "dataflow":
+        from tapeout.backends.dataflow.estimate import estimate_dataflow, format_dataflow
+        from tapeout.backends.dataflow.machine import Machine
+        opts = list(args.machine or []) + ([f"clock_hz={args.clock}"] if args.clock else [])
+        result = estimate_dataflow(shape, args.format, Machine.from_options(opts))
+        print(dumps_json(result), end="") if args.json else print(format_dataflow(result))
+        return 0
+    if args.machine:
+        raise TapeoutError("--machine applies to --target dataflow")
     result = E.estimate(shape, args.format, args.tech, context=ctx, clock_hz=args.clock)
     print(dumps_json(result), end="") if args.json else print(E.format_table(result))
     return 0
