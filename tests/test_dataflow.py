@@ -197,3 +197,25 @@ def test_estimate_from_shapes(capsys):
         assert r["chips"] * r["chip_store_bytes"] >= r["weight_bytes"] + r["table_bytes"]
         assert r["pipeline_tokens_per_s_bound"] >= r["tokens_per_s_per_user_bound"] > 0
     assert big["tokens_per_s_per_user_bound"] < s["tokens_per_s_per_user_bound"] / 10
+
+
+@pytest.mark.slow
+def test_smollm2_decode_step_equals_golden_within_1_10_of_the_bound():
+    """One SmolLM2-135M decode step (past 16, nvfp4) on the default machine: checked, simulated
+    == golden on every output, makespan <= 1.10x its lower bound."""
+    from _support import load_models_module
+    mod = load_models_module("smollm2")
+    g = frontend(mod.export(variant="decode", past_len=16))
+    gm = quantize_model(g, QuantConfig("nvfp4", quantize_head=True), None).golden()
+    m = Machine()
+    plan = lower(gm, m)
+    mm = memory_map(plan.copies)
+    proof = check(m, plan.queues, mm)
+    assert proof["transfers"] > 5000 and plan.chips == 2
+    feeds = sample_feeds(g)
+    st_: dict = {}
+    got = run_queues(gm, m, plan.queues, mm, feeds, st_)
+    gold = gm.run(feeds)
+    assert sum(v.size for v in gold.values()) == 49152 + 60 * 3 * 17 * 64
+    assert all(np.array_equal(got[k], gold[k]) for k in gold)
+    assert st_["cycles"] == plan.makespan <= 1.10 * plan.schedule.lower_bound

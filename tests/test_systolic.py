@@ -1,6 +1,7 @@
-"""The systolic backend: ISA encoding, whole tiny models through the ISA simulator against
-golden, schedule checks, corrupted microcode, and tiles from the microcode replayed on the
-Amaranth systolic array (cycle model vs RTL cycles)."""
+"""The systolic backend: ISA encoding, whole tiny models (prefill and decode) through the ISA
+simulator against golden, attention on the array, capacity checks, schedule checks, corrupted
+microcode, and tiles from the microcode replayed on the systolic array RTL (Amaranth; Verilator
+in the ``rtl`` tier) with the cycle model against RTL cycles."""
 from __future__ import annotations
 
 import json
@@ -10,13 +11,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tapeout.backends.systolic.isa import INSTR, OPS, WORD0, WORD1, IsaError, decode, encode
+from tapeout.backends.systolic.isa import BUF_SCORES, BUF_VALUES, INSTR, OPS, WORD0, WORD1, IsaError, decode, encode
 from tapeout.backends.systolic.isasim import run_program
 from tapeout.backends.systolic.lower import lower
 from tapeout.backends.systolic.machine import Machine
 from tapeout.cli import main
 from tapeout.compiler.frontend import frontend
 from tapeout.compiler.qmodel import QuantConfig, quantize_model
+from tapeout.hdl.sim import verilator_available
 
 from test_bad_input import assert_one_line_error, run_cli
 
@@ -144,3 +146,113 @@ def test_microcode_tiles_replayed_on_the_systolic_array_rtl(golden_llama):
     r = replay_tiles(golden_llama, Machine(n=8), feeds_of(golden_llama), layer_name=None, tiles=3)
     assert r["checked"] == 3 * r["tokens"] * 8 and r["mismatches"] == 0
     assert r["isa_cycles"] == r["rtl_cycles"], r
+
+
+def test_attention_runs_on_the_array(golden_llama):
+    """Both attention matmuls are PRELOAD/MATMUL tiles (K, then V stationary; P streamed as three
+    7-bit digits), the softmax is the only attention work left on the vector unit."""
+    m = Machine()
+    prog = lower(golden_llama, m).program
+    att = {j for j, op in enumerate(golden_llama.order) if op.kind == "attention"}
+    on_layer = np.isin(prog["layer"], list(att))
+    ops = {OPS[o] for o in np.unique(prog["op"][on_layer])}
+    assert ops == {"QUANT_A", "PRELOAD", "MATMUL", "REQUANT", "SOFTMAX"}
+    mm = prog[on_layer & (prog["op"] == OPS.index("MATMUL"))]
+    assert set(np.unique(mm["buf"])) == {BUF_SCORES, BUF_VALUES}
+    assert set(np.unique(mm["flags"][mm["buf"] == BUF_VALUES] >> 2)) == {0, 1, 2}
+    # a P.V MATMUL that streams the wrong digit changes the output: the digits are really used
+    feeds = feeds_of(golden_llama)
+    bad = prog.copy()
+    j = int(np.flatnonzero(on_layer & (prog["op"] == OPS.index("MATMUL")) & (prog["buf"] == BUF_VALUES)
+                           & (prog["flags"] >> 2 == 1))[0])
+    bad["flags"][j] ^= 3 << 2                                        # digit 1 -> digit 2
+    got, gold = run_program(golden_llama, m, bad, feeds), golden_llama.run(feeds)
+    assert any(not np.array_equal(got[k], gold[k]) for k in gold)
+
+
+def test_decode_step_reports_cycles_per_token(tiny, tmp_path, capsys):
+    model = tiny.export("llama", "dynamo", 20, "decode")
+    out = tmp_path / "sys"
+    code, stdout, err = run_cli(capsys, "compile", model, "--target", "systolic", "--format", "nvfp4", "-o", out)
+    assert code == 0, err
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["mode"] == "decode" and rep["past_len"] > 0 and rep["tokens_per_run"] == 1
+    assert rep["isa_vs_golden"]["mismatches"] == 0 and rep["isa_vs_golden"]["checked"] > 0
+    assert rep["cycles_per_token"] == rep["isa_vs_golden"]["cycles"] == rep["schedule"]["makespan"]
+    assert rep["tokens_per_s"] == pytest.approx(rep["machine"]["clock_hz"] / rep["cycles_per_token"], rel=1e-6)
+    roof = rep["memory_roofline"]
+    assert 0 < roof["cycles"] <= rep["cycles_per_token"] and roof["weight_bytes"] > 0
+    assert rep["array_roofline"]["cycles"] <= rep["cycles_per_token"]
+    assert f"decode step {rep['cycles_per_token']} cycles/token" in stdout
+    assert "weight-DMA roofline" in stdout
+    assert {r["kind"] for r in rep["layers"]} == {"linear", "attention"}
+    code, stdout, err = run_cli(capsys, "simulate", out, "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["cycles"] == rep["cycles_per_token"]
+
+
+def test_prefill_reports_cycles_per_prefill_and_per_token(tiny, tmp_path, capsys):
+    model = tiny.export("llama", "dynamo", 20, "prefill")
+    out = tmp_path / "sys"
+    code, stdout, err = run_cli(capsys, "compile", model, "--target", "systolic", "--format", "nvfp4", "-o", out)
+    assert code == 0, err
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["mode"] == "prefill" and rep["cycles_per_prefill"] == rep["schedule"]["makespan"]
+    assert rep["cycles_per_token"] == pytest.approx(rep["cycles_per_prefill"] / rep["tokens_per_run"], abs=0.05)
+    assert f"prefill {rep['tokens_per_run']} tokens" in stdout
+    # capacity: every layer's need is reported and fits the machine
+    cap = rep["capacity"]
+    assert 0 < cap["acc"]["peak_bytes"] <= cap["acc"]["bytes"] == rep["machine"]["acc_kib"] * 1024
+    assert 0 < cap["spad"]["peak_bytes"] <= cap["spad"]["bytes"] == rep["machine"]["spad_kib"] * 1024
+    assert all(r["acc_bytes"] > 0 and r["spad_bytes"] > 0 for r in rep["layers"])
+    assert cap["acc"]["peak_bytes"] == max(r["acc_bytes"] for r in rep["layers"])
+
+
+@pytest.mark.parametrize("option, needles", [
+    ("acc_kib=1", ("layer linear_node_linear: two accumulator tiles of 16 tokens x 16 columns x 6 B need 3072 B",
+                   "acc_kib=1 holds 1024 B")),
+    ("spad_kib=4", ("layer linear_node_linear: needs 4928 B of scratchpad", "spad_kib=4 holds 4096 B")),
+])
+def test_capacity_is_enforced(tiny, tmp_path, capsys, option, needles):
+    model = tiny.export("llama", "dynamo", 20, "prefill")
+    code, _, err = run_cli(capsys, "compile", model, "--target", "systolic", "--format", "nvfp4",
+                           "--machine", option, "-o", tmp_path / "x")
+    assert_one_line_error(code, err, *needles)
+    assert not (tmp_path / "x").exists()
+
+
+def test_attention_score_tiles_replayed_on_the_rtl(golden_llama):
+    from tapeout.backends.systolic.replay import replay_tiles
+    att = next(op.name for op in golden_llama.order if op.kind == "attention")
+    r = replay_tiles(golden_llama, Machine(n=8), feeds_of(golden_llama), layer_name=att, tiles=2)
+    assert r["kind"] == "attention" and r["mismatches"] == 0 and r["checked"] == 2 * r["tokens"] * 8
+    assert r["isa_cycles"] == r["rtl_cycles"], r
+
+
+VERILATOR, WHY = verilator_available()
+
+
+@pytest.mark.rtl
+@pytest.mark.skipif(not VERILATOR, reason=WHY)
+def test_microcode_tiles_replayed_on_verilator(golden_llama):
+    """Every K tile of a linear's first output tile and an attention's score tiles, on the
+    Verilator build of the array: partial sums equal and cycle error 0."""
+    from tapeout.backends.systolic.replay import replay_tiles
+    m, feeds = Machine(n=16), feeds_of(golden_llama)
+    att = next(op.name for op in golden_llama.order if op.kind == "attention")
+    for name, tiles in ((None, 64), (att, 64)):
+        r = replay_tiles(golden_llama, m, feeds, layer_name=name, tiles=tiles, engine="verilator")
+        assert r["engine"] == "verilator" and r["mismatches"] == 0 and r["checked"] > 0, r
+        assert r["cycle_error"] == 0 and r["isa_cycles"] == r["rtl_cycles"], r
+        print(f"\n{r['kind']} {r['layer']}: {r['tiles']} tiles, {r['rtl_cycles']} cycles, ISA-vs-RTL cycle error "
+              f"{r['cycle_error']:.1%}, {r['cycles_per_s']:,} cycles/s")
+
+
+def test_a_third_live_accumulator_tile_is_rejected(golden_llama):
+    m = Machine()
+    prog = lower(golden_llama, m).program.copy()
+    j = int(np.flatnonzero(prog["op"] == OPS.index("REQUANT"))[0])
+    prog["cycle"][j] = prog["cycle"].max() + 1           # the first tile is never read in time
+    with pytest.raises(IsaError, match=r"opens accumulator tile .* while tiles .* are still live; the "
+                                       r"accumulator holds two"):
+        run_program(golden_llama, m, prog, feeds_of(golden_llama))

@@ -12,7 +12,7 @@ from tapeout.compiler.golden.model import Golden
 from tapeout.compiler.qmodel import sample_feeds
 
 from .check import check
-from .isa import OPS, QueueError, encode, listing
+from .isa import OP, OPS, QueueError, encode, listing
 from .lower import lower, memory_map
 from .machine import Machine
 from .sim import run_queues
@@ -82,13 +82,20 @@ def compile_dataflow(gm: Golden, out, machine: Machine, *, verify: bool = True, 
         kind = u.split(".", 1)[1].rstrip("0123456789")
         for o, c in zip(*np.unique(v["op"], return_counts=True)):
             per_kind[kind][OPS[o]] += int(c)
+    # a pipeline stage: from its input arriving (RX; chip 0: cycle 0) to its last instruction, plus
+    # the weight installs it did before the input came (in a full pipeline they follow the
+    # previous token's work on the same chip, they cannot hide behind it)
     stages = []
     for c in range(plan.chips):
-        mine = [v for u, v in q.items() if u.startswith(f"c{c}.") and len(v)]
-        first = min(int(v["cycle"].min()) for v in mine)
-        last = max(int((v["cycle"] + v["n"]).max()) for v in mine)
-        stages.append({"chip": c, "first_cycle": first, "last_cycle": last, "cycles": last - first,
-                       "ops": sum(1 for x in plan.chip_of if x == c), **plan.chip_bytes[c]})
+        mine = {u: v for u, v in q.items() if u.startswith(f"c{c}.") and len(v)}
+        last = max(int((v["cycle"] + v["n"]).max()) for v in mine.values())
+        rx = [int(v["cycle"][v["op"] == OP["RX"]].min()) for v in mine.values() if (v["op"] == OP["RX"]).any()]
+        start = min(rx) if c and rx else 0
+        pre = max([int(v["n"][(v["op"] == OP["IW"]) & (v["cycle"] < start)].sum()) for u, v in mine.items()
+                   if ".mxm" in u] + [0])
+        stages.append({"chip": c, "input_cycle": start, "last_cycle": last, "cycles": last - start + pre,
+                       "installs_before_input": pre, "ops": sum(1 for x in plan.chip_of if x == c),
+                       **plan.chip_bytes[c]})
     iw_busy = defaultdict(int)
     for t in plan.tasks:
         if t.kind == "iw":

@@ -10,10 +10,10 @@ from tapeout.compiler.qmodel import sample_feeds as _sample_feeds
 
 from .isa import OPS, encode, listing
 from .isasim import run_program
-from .lower import linear_geometry, lower
+from .lower import attention_geometry, linear_geometry, lower, strip_bytes
 from .machine import Machine
 
-__all__ = ["compile_systolic", "layer_report", "sample_feeds", "LISTING_LIMIT"]
+__all__ = ["compile_systolic", "layer_report", "throughput", "sample_feeds", "LISTING_LIMIT"]
 
 LISTING_LIMIT = 200_000          # instructions written to program.lst (the binary has them all)
 
@@ -23,8 +23,14 @@ def sample_feeds(gm: Golden) -> dict:
 
 
 def layer_report(gm: Golden, machine: Machine, low) -> list[dict]:
-    """Per linear: cycles from its first to its last instruction, the roofline bound
-    max(MACs / n^2, weight bytes / DRAM bandwidth) and utilisation = bound / cycles."""
+    """Per linear and attention: its share of the array's timeline, the roofline bound
+    max(MACs / n^2, weight bytes / DRAM bandwidth), utilisation = bound / cycles, and its peak
+    scratchpad and accumulator bytes (``lower.footprint``).
+
+    ``cycles`` partitions the array's timeline: from the end of the previous layer's last
+    MATMUL to the end of this layer's, so waiting for the inputs (the vector unit, a weight
+    strip) counts against the layer that waits and the shares add up to the array's time.
+    ``span`` is the first-to-last instruction interval (it overlaps the neighbours' prefetch)."""
     prog = low.program
     start = prog["cycle"].astype(np.int64)
     end = start + low.durations
@@ -33,22 +39,72 @@ def layer_report(gm: Golden, machine: Machine, low) -> list[dict]:
     last = np.zeros(len(low.names), np.int64)
     np.minimum.at(first, layer, start)
     np.maximum.at(last, layer, end)
+    mm = prog["op"] == OPS.index("MATMUL")
+    array_end = np.full(len(low.names), -1, np.int64)
+    np.maximum.at(array_end, layer[mm], end[mm])
     rows = []
+    nn = machine.n * machine.n
+    prev_end = 0                    # the array runs layers in program order
     for li, op in enumerate(gm.order):
-        if op.kind != "linear":
+        fp = low.footprints.get(li)
+        if fp is None:
             continue
-        geo = linear_geometry(gm, op.name, machine)
-        T = int(np.prod(gm.graph.tensors[op.inputs[0]].shape[:-1]))
-        macs = T * geo["out"] * geo["in"]
-        compute = -(-macs // (machine.n * machine.n))
-        memory = -(-int(geo["out"] * geo["in"] * geo["w_bits"] / 8) // machine.dram_bytes_per_cycle)
-        cycles = int(last[li] - first[li])
-        rows.append({"layer": op.name, "shape": [geo["out"], geo["in"]], "tokens": T, "macs": macs,
-                     "cycles": cycles, "compute_bound": compute, "memory_bound": memory,
-                     "roofline_bound": max(compute, memory),
-                     "utilisation": round(max(compute, memory) / cycles, 4) if cycles else 0.0,
-                     "k_tile": geo["kt"]})
+        cycles = int(array_end[li] - prev_end)
+        prev_end = max(prev_end, int(array_end[li]))
+        if op.kind == "linear":
+            geo = linear_geometry(gm, op.name, machine)
+            T = int(np.prod(gm.graph.tensors[op.inputs[0]].shape[:-1]))
+            macs = T * geo["out"] * geo["in"]
+            memory = -(-int(geo["out"] * geo["in"] * geo["w_bits"] / 8) // machine.dram_bytes_per_cycle)
+            row = {"layer": op.name, "kind": "linear", "shape": [geo["out"], geo["in"]], "tokens": T, "macs": macs,
+                   "k_tile": geo["kt"]}
+        else:
+            a = attention_geometry(gm, op, machine)
+            macs = 2 * a["batch"] * a["heads"] * a["queries"] * a["keys"] * a["d"]       # Q.K^T and P.V
+            memory = 0                                     # q, k, v and the KV cache are on chip
+            row = {"layer": op.name, "kind": "attention", "shape": [a["heads"], a["kv_heads"], a["queries"],
+                                                                    a["keys"], a["d"]],
+                   "tokens": a["batch"] * a["queries"], "macs": macs, "k_tile": a["width"]}
+        compute = -(-macs // nn)
+        row.update(cycles=cycles, compute_bound=compute, memory_bound=memory, roofline_bound=max(compute, memory),
+                   utilisation=round(max(compute, memory) / cycles, 4) if cycles else 0.0,
+                   span=int(last[li] - first[li]),
+                   spad_bytes=int(fp["spad"]), acc_bytes=int(fp["acc"]))
+        rows.append(row)
     return rows
+
+
+def throughput(gm: Golden, machine: Machine, makespan: int) -> dict:
+    """Cycles and tokens/s of one run of the graph: a decode graph (a KV cache among its inputs)
+    produces one token per batch row, so its makespan is the cycles per decoded token; a
+    prefill graph's makespan covers all its tokens. Beside it the weight-DMA roofline (every
+    weight strip crosses the DRAM port once per run; the KV cache stays on chip)."""
+    g = gm.graph
+    floats = [t for t in g.inputs if np.dtype(g.tensors[t].dtype).kind == "f"]
+    ids = [t for t in g.inputs if np.dtype(g.tensors[t].dtype).kind in "iu" and "mask" not in t
+           and "position" not in t]
+    shape = g.tensors[ids[0]].shape if ids else (1,)
+    batch, seq = (int(shape[0]), int(shape[-1])) if len(shape) > 1 else (1, int(shape[-1]))
+    decode = bool(floats)
+    tokens = batch if decode else batch * seq
+    weight_bytes = 0
+    for op in gm.order:
+        if op.kind == "linear":
+            geo = linear_geometry(gm, op.name, machine)
+            weight_bytes += strip_bytes(geo, geo["out"])
+    memory = -(-weight_bytes // machine.dram_bytes_per_cycle)
+    # a decode step advances every batch row by one token: its cycles per token are the makespan
+    r = {"mode": "decode" if decode else "prefill", "tokens_per_run": tokens,
+         "cycles_per_token": int(makespan) if decode else round(makespan / tokens, 1),
+         "tokens_per_s": round(machine.clock_hz * tokens / makespan, 1),
+         "memory_roofline": {"weight_bytes": int(weight_bytes), "cycles": int(memory),
+                             "tokens_per_s": round(machine.clock_hz * tokens / memory, 1) if memory else None,
+                             "makespan_over_roofline": round(makespan / memory, 3) if memory else None}}
+    if decode:
+        r["past_len"] = int(max(g.tensors[t].shape[-2] for t in floats))
+    else:
+        r["cycles_per_prefill"] = int(makespan)
+    return r
 
 
 def compile_systolic(gm: Golden, out, machine: Machine, *, verify: bool = True, step=None) -> dict:
@@ -74,7 +130,15 @@ def compile_systolic(gm: Golden, out, machine: Machine, *, verify: bool = True, 
                            "resource_bound": int(sched.resource_bound), "lower_bound": int(sched.lower_bound),
                            "ratio": round(float(sched.ratio), 4), "per_resource": sched.per_resource()},
               "layers": layers, "names": low.names}
-    big = [r for r in layers if r["macs"] >= max(x["macs"] for x in layers) / 4] if layers else []
+    report.update(throughput(gm, machine, int(sched.makespan)))
+    # the array's own floor: every weight block enters it at n codes per cycle (PRELOAD), every
+    # token row streams once per block (MATMUL); at one token per step the preloads dominate
+    is_mm = prog["op"] == OPS.index("MATMUL")
+    report["array_roofline"] = {"preload_cycles": machine.n * counts.get("PRELOAD", 0),
+                                "matmul_cycles": int(prog["t"][is_mm].astype(np.int64).sum())}
+    report["array_roofline"]["cycles"] = sum(report["array_roofline"].values())
+    report["capacity"] = _capacity(machine, layers)
+    big = [r for r in layers if r["kind"] == "linear" and r["macs"] >= max(x["macs"] for x in layers) / 4]
     report["large_matmul_utilisation"] = round(min(r["utilisation"] for r in big), 4) if big else None
     out.write_json("schedule.json", {k: report[k] for k in ("machine", "schedule", "instructions")})
     if verify:
@@ -95,6 +159,16 @@ def compile_systolic(gm: Golden, out, machine: Machine, *, verify: bool = True, 
             out.write_bytes(f"sim/golden/{name}.npy", _npy(v))
     out.write_json("report.json", report)
     return report
+
+
+def _capacity(machine: Machine, layers: list[dict]) -> dict:
+    """The machine's memories beside the largest per-layer need (which layer needs it)."""
+    r = {}
+    for mem, kib in (("spad", machine.spad_kib), ("acc", machine.acc_kib)):
+        top = max(layers, key=lambda x: x[f"{mem}_bytes"], default=None)
+        r[mem] = {"bytes": kib * 1024, "peak_bytes": top[f"{mem}_bytes"] if top else 0,
+                  "peak_layer": top["layer"] if top else None}
+    return r
 
 
 def _npy(a) -> bytes:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["OPS", "QUEUE", "INSTR", "encode", "decode", "listing", "IsaError"]
+__all__ = ["OPS", "QUEUE", "INSTR", "encode", "decode", "listing", "IsaError", "BUF_SCORES", "BUF_VALUES",
+           "DIGIT_SHIFT"]
 
 
 class IsaError(ValueError):
@@ -19,11 +20,15 @@ class IsaError(ValueError):
 
 
 # opcode -> (name, queue)
-OPS = ("NOP", "LOAD_X", "LOAD_W", "PRELOAD", "MATMUL", "REQUANT", "STORE", "QUANT_X", "VEC", "HALT")
+OPS = ("NOP", "LOAD_X", "LOAD_W", "PRELOAD", "MATMUL", "REQUANT", "STORE", "QUANT_X", "VEC", "HALT",
+       "QUANT_A", "SOFTMAX")
 OP = {name: i for i, name in enumerate(OPS)}
 QUEUE = {"NOP": "none", "LOAD_X": "load", "LOAD_W": "load", "PRELOAD": "compute", "MATMUL": "compute",
-         "REQUANT": "vector", "STORE": "store", "QUANT_X": "vector", "VEC": "vector", "HALT": "none"}
+         "REQUANT": "vector", "STORE": "store", "QUANT_X": "vector", "VEC": "vector", "HALT": "none",
+         "QUANT_A": "vector", "SOFTMAX": "vector"}
 FLAG_FIRST, FLAG_LAST = 1, 2          # MATMUL: first K tile (clear the accumulator), last K tile
+DIGIT_SHIFT = 2                       # MATMUL of P.V: flags bits 2-3 = the 7-bit digit of P streamed
+BUF_SCORES, BUF_VALUES = 2, 3         # PRELOAD/MATMUL/REQUANT of an attention: Q.K^T or P.V
 
 INSTR = np.dtype([("op", "u1"), ("buf", "u1"), ("flags", "u1"), ("layer", "u2"), ("i", "u2"), ("k", "u2"),
                   ("t0", "u2"), ("t", "u2"), ("cycle", "u8")])
@@ -77,10 +82,12 @@ def _args(r) -> str:
     op = OPS[r["op"]]
     if op in ("PRELOAD", "MATMUL"):
         fl = "".join(f for f, b in (("F", FLAG_FIRST), ("L", FLAG_LAST)) if r["flags"] & b)
-        return f"i={r['i']} k={r['k']} buf={r['buf']} t={r['t0']}+{r['t']}" + (f" {fl}" if fl else "")
-    if op in ("LOAD_W", "REQUANT", "STORE"):
+        if r["buf"] == BUF_VALUES and op == "MATMUL":
+            fl += f" d{r['flags'] >> DIGIT_SHIFT}"
+        return f"i={r['i']} k={r['k']} buf={r['buf']} t={r['t0']}+{r['t']}" + (f" {fl.strip()}" if fl else "")
+    if op in ("LOAD_W", "REQUANT", "STORE", "SOFTMAX"):
         return f"i={r['i']} buf={r['buf']} t={r['t0']}+{r['t']}"
-    if op in ("QUANT_X", "VEC", "LOAD_X"):
+    if op in ("QUANT_X", "QUANT_A", "VEC", "LOAD_X"):
         return f"t={r['t0']}+{r['t']}"
     return ""
 
