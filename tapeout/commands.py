@@ -95,12 +95,7 @@ def cmd_compile(args: argparse.Namespace, progress: Progress) -> int:
         if args.target == "systolic":
             from tapeout.backends.systolic.compile import compile_systolic
             report = compile_systolic(qm.golden(), out, machine, verify=args.verify != "none", step=progress.step)
-            options.update(format=config.fmt, group=args.group, outlier_frac=args.outlier_frac, gptq=args.gptq,
-                           rtn=args.rtn, machine=sorted(args.machine or []), verify=args.verify,
-                           model_path=str(model.resolve()), group_fallback=args.group_fallback,
-                           calib=args.calib and str(Path(args.calib).resolve()),
-                           calib_tokens=args.calib_tokens and str(Path(args.calib_tokens).resolve()),
-                           calib_max_tokens=args.calib_max_tokens, tokenizer=args.tokenizer)
+            options.update(_requantize_options(args, config, model))
             sc = report["schedule"]
             iv = report.get("isa_vs_golden")
             rate = (f"decode step {report['cycles_per_token']} cycles/token" if report["mode"] == "decode" else
@@ -113,12 +108,7 @@ def cmd_compile(args: argparse.Namespace, progress: Progress) -> int:
         if args.target == "dataflow":
             from tapeout.backends.dataflow.compile import compile_dataflow
             report = compile_dataflow(qm.golden(), out, machine, verify=args.verify != "none", step=progress.step)
-            options.update(format=config.fmt, group=args.group, outlier_frac=args.outlier_frac, gptq=args.gptq,
-                           rtn=args.rtn, machine=sorted(args.machine or []), verify=args.verify,
-                           model_path=str(model.resolve()), group_fallback=args.group_fallback,
-                           calib=args.calib and str(Path(args.calib).resolve()),
-                           calib_tokens=args.calib_tokens and str(Path(args.calib_tokens).resolve()),
-                           calib_max_tokens=args.calib_max_tokens, tokenizer=args.tokenizer)
+            options.update(_requantize_options(args, config, model))
             sc = report["schedule"]
             sv = report.get("sim_vs_golden")
             headline = (f"{report['chips']} chip(s), {report['instructions']} instructions, makespan {sc['makespan']} "
@@ -131,6 +121,16 @@ def cmd_compile(args: argparse.Namespace, progress: Progress) -> int:
             path = out.commit(manifest)
     print(f"wrote {path}/ ({len(out.files) + 1} files): {headline}")
     return 0
+
+
+def _requantize_options(args: argparse.Namespace, config, model: Path) -> dict:
+    """What `simulate` needs to re-quantise the model exactly as compiled (systolic, dataflow)."""
+    return dict(format=config.fmt, group=args.group, outlier_frac=args.outlier_frac, gptq=args.gptq,
+                rtn=args.rtn, machine=sorted(args.machine or []), verify=args.verify,
+                model_path=str(model.resolve()), group_fallback=args.group_fallback,
+                calib=args.calib and str(Path(args.calib).resolve()),
+                calib_tokens=args.calib_tokens and str(Path(args.calib_tokens).resolve()),
+                calib_max_tokens=args.calib_max_tokens, tokenizer=args.tokenizer)
 
 
 def _tile_list(text: str) -> list[int] | None:
@@ -384,23 +384,10 @@ def _simulate_systolic(args: argparse.Namespace, progress: Progress) -> int:
         raise TapeoutError("a systolic folder is simulated whole on the ISA simulator: --engine, --layer and "
                            "--rtl apply to mask-ROM chips")
     out = Path(args.out)
-    man = json.loads((out / "manifest.json").read_text())
-    opt = man["options"]
-    model = Path(opt["model_path"])
-    if not model.exists() or input_hashes(model) != man["input"]["sha256"]:
-        raise TapeoutError(f"the compiled model {model} is missing or changed since compile (sha256 differs)",
-                           file=str(out))
     feeds_dir, gold_dir = out / "sim/feeds", out / "sim/golden"
     if not gold_dir.is_dir():
         raise TapeoutError("no golden outputs in sim/ (compiled with --verify none)", file=str(out))
-    ns = argparse.Namespace(**{**vars(args), "model": str(model), "format": opt["format"], "group": opt["group"],
-                               "outlier_frac": opt["outlier_frac"], "gptq": opt["gptq"], "rtn": opt["rtn"],
-                               "quantize_head": True, "seq_len": opt["seq_len"], "past_len": opt["past_len"],
-                               "batch": opt["batch"], "dim": [f"{k}={v}" for k, v in opt["dims"].items()],
-                               "group_fallback": opt["group_fallback"], "calib": opt["calib"],
-                               "calib_tokens": opt["calib_tokens"], "calib_max_tokens": opt["calib_max_tokens"],
-                               "tokenizer": opt["tokenizer"], "json": True})
-    _, qm, _, _ = _quantized(ns, progress)
+    qm, opt = _recompiled(args, out, progress)
     machine = Machine.from_options(opt["machine"])
     try:
         prog = decode((out / "program.bin").read_bytes())
