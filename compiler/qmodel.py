@@ -3,14 +3,17 @@ weights, the float ("fake-quant") graph, and the integer golden model of the res
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+import networkx as nx
 import numpy as np
 
 from .errors import TapeoutError
 from .golden.model import Golden, GoldenConfig
-from .interp import run
+from .interp import run_op
 from .ir import Graph, Op
 from .quant import QuantTensor, quantize
 from .quant.formats import resolve_format
@@ -96,14 +99,67 @@ def linear_ops(graph: Graph) -> list[Op]:
     return [op for op in graph.ops if op.kind == "linear"]
 
 
+CALIB_BATCH_TOKENS = 4096     # tokens whose activations calibration keeps alive at once
+WORKERS = min(2, os.cpu_count() or 1)     # threads for calibration and quantisation (numpy and
+                                          # BLAS release the GIL); results do not depend on it
+
+
+def calibration_graph(graph: Graph, wanted: set[str]) -> Graph:
+    """The ops of ``graph`` that the ``wanted`` tensors depend on (drops the LM head)."""
+    needed: set[str] = set()
+    for t in wanted:
+        p = graph.producer.get(t)
+        if p is not None and p not in needed:
+            needed |= nx.ancestors(graph.nx, p) | {p}
+    g = graph.copy()
+    for name in [n for n in g.nx if n not in needed]:
+        g.remove_op(name)
+    g.outputs = []
+    return g
+
+
+def run_windows(graph: Graph, feeds: list[dict[str, np.ndarray]],
+                keep: Callable[[str, np.ndarray], None]) -> None:
+    """``interp.run`` on several feeds at once, op by op: each op runs on every feed while its
+    weight is hot in cache (on WORKERS threads, each taking a share of the feeds), and a
+    linear's weight is widened to float64 once (the kernel's own ``astype`` is then a no-op)
+    instead of once per feed. Every value equals ``run``'s, and ``keep`` sees each tensor's
+    values in feed order, on the calling thread."""
+    order = list(graph.ops)
+    last_use = {t: i for i, op in enumerate(order) for t in op.inputs if t}
+    consts, envs = graph.constants, [dict(f) for f in feeds]
+    shares = [envs[k::WORKERS] for k in range(WORKERS) if envs[k::WORKERS]]
+    with ThreadPoolExecutor(max(1, len(shares))) as pool:
+        for i, op in enumerate(order):
+            shared = {t: consts[t] for t in op.inputs if t in consts}
+            w = shared.get(op.inputs[1]) if op.kind == "linear" else None
+            if w is not None and w.dtype == np.float32:
+                shared[op.inputs[1]] = w.astype(np.float64)
+
+            def step(share: list[dict]) -> None:
+                for env in share:
+                    results = run_op(op, [shared[t] if t in shared else env[t] if t else None
+                                          for t in op.inputs])
+                    env.update((name, v) for name, v in zip(op.outputs, results) if name)
+            list(pool.map(step, shares))
+            for env in envs:
+                for name in op.outputs:
+                    if name:
+                        keep(name, env[name])
+                for t in op.inputs:
+                    if t and last_use[t] == i and t not in consts:
+                        env.pop(t, None)
+
+
 def calibrate(graph: Graph, token_windows: Iterable[np.ndarray], *, hessian: bool = False,
               progress: Callable[[int], None] | None = None) -> CalibStats:
-    """Run the float graph on calibration windows and collect linear-input statistics."""
+    """Run the float graph on calibration windows and collect linear-input statistics
+    (windows are run CALIB_BATCH_TOKENS at a time, see :func:`run_windows`)."""
     wanted = {op.inputs[0] for op in linear_ops(graph)}
+    graph = calibration_graph(graph, wanted)
     stats = CalibStats()
     sums: dict[str, np.ndarray] = {}
     hs: dict[str, np.ndarray] = {}
-    count = 0
 
     def keep(name: str, value: np.ndarray) -> None:
         if name not in wanted:
@@ -113,11 +169,14 @@ def calibrate(graph: Graph, token_windows: Iterable[np.ndarray], *, hessian: boo
         if hessian:
             hs[name] = hs.get(name, 0) + x.T @ x
 
-    for i, w in enumerate(token_windows):
-        run(graph, window_feeds(graph, w), keep=keep)
-        count += w.size
+    wins = list(token_windows)
+    per = max(1, CALIB_BATCH_TOKENS // max((w.size for w in wins), default=1))
+    for b in range(0, len(wins), per):
+        run_windows(graph, [window_feeds(graph, w) for w in wins[b:b + per]], keep)
         if progress:
-            progress(i)
+            for i in range(b, min(b + per, len(wins))):
+                progress(i)
+    count = sum(w.size for w in wins)
     if count == 0:
         raise TapeoutError("calibration text is shorter than one window of the model's sequence "
                            "length; give a longer --calib text", file=graph.meta.get("file"))
@@ -222,13 +281,16 @@ def linear_roles(graph: Graph) -> dict[str, str]:
 
 def quantize_model(graph: Graph, config: QuantConfig, stats: CalibStats | None = None,
                    progress: Callable[[int, int], None] | None = None) -> QuantizedModel:
-    """Quantise every ``linear`` weight of ``graph`` (the LM head per ``config``)."""
+    """Quantise every ``linear`` weight of ``graph`` (the LM head per ``config``).
+
+    Tensors are independent, so WORKERS of them are quantised at once, largest first;
+    results, progress and the first error come in op order, exactly as one at a time."""
     if config.needs_calibration and stats is None:
         raise TapeoutError(f"format {config.fmt} needs calibration statistics (activation-aware)")
     roles = linear_roles(graph)
     ops = linear_ops(graph)
-    weights = {}
-    for i, op in enumerate(ops):
+    jobs = []
+    for op in ops:
         w = np.asarray(weight_matrix(graph, op), np.float32)
         head = roles.get(op.name) == "lm_head" and not config.quantize_head
         kwargs: dict = {}
@@ -244,10 +306,20 @@ def quantize_model(graph: Graph, config: QuantConfig, stats: CalibStats | None =
                 kwargs["act_sq"] = stats.act_sq[op.inputs[0]]
                 if config.gptq and op.inputs[0] in stats.hessian:
                     kwargs.update(hessian=stats.hessian[op.inputs[0]], gptq=True)
+        jobs.append((w, fmt, {k: v for k, v in kwargs.items() if v is not None}))
+    weights = {}
+    with ThreadPoolExecutor(WORKERS) as pool:
+        futures = {i: pool.submit(quantize, jobs[i][0], jobs[i][1], **jobs[i][2])
+                   for i in sorted(range(len(jobs)), key=lambda i: -jobs[i][0].size)}
         try:
-            weights[op.name] = quantize(w, fmt, **{k: v for k, v in kwargs.items() if v is not None})
-        except TapeoutError as e:
-            raise TapeoutError(f"{e}", file=graph.meta.get("file"), node=op.name, op="linear") from None
-        if progress:
-            progress(i, len(ops))
+            for i, op in enumerate(ops):
+                try:
+                    weights[op.name] = futures[i].result()
+                except TapeoutError as e:
+                    raise TapeoutError(f"{e}", file=graph.meta.get("file"), node=op.name, op="linear") from None
+                if progress:
+                    progress(i, len(ops))
+        finally:
+            for f in futures.values():
+                f.cancel()
     return QuantizedModel(graph, config, weights, roles)

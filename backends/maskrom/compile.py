@@ -104,8 +104,14 @@ def compile_maskrom(qm: QuantizedModel, summary: dict, out, *, base_name: str | 
         layers: ViaLayers = build_layers(base, specs)
     with step("extracting the layers back (LVS)"):
         compared = lvs(layers, specs)
+    del specs                  # int64 copies of every code: free them before the golden runs
+    fine = (1 << base.family.fine_bits) - 1    # a code's low bits are its V_FINE via, the rest V_CODE
+    codes = [qm.weights[n].codes for n in layers.names]
+    cells = sum(c.size for c in codes)
+    vc_vias = sum(int(np.count_nonzero(c & ~fine)) for c in codes)
+    fine_vias = sum(int(np.count_nonzero(c & fine)) for c in codes) if base.family.fine_bits else 0
     if verify == "auto":
-        verify = "full" if sum(x.codes.size for x in specs) <= FULL_CHECK_MAX_WEIGHTS else "linears"
+        verify = "full" if cells <= FULL_CHECK_MAX_WEIGHTS else "linears"
     outputs_equal, checked = True, 0
     if verify == "full":
         with step("whole-model fabric model vs golden on a sample window"):
@@ -118,7 +124,7 @@ def compile_maskrom(qm: QuantizedModel, summary: dict, out, *, base_name: str | 
             outputs_equal = all(np.array_equal(fab[k], gold[k]) for k in gold)
             checked = int(sum(v.size for v in gold.values()))
     elif verify == "linears":
-        with step(f"fabric model vs golden, linear by linear ({len(specs)} linears)"):
+        with step(f"fabric model vs golden, linear by linear ({len(layers.names)} linears)"):
             checked = check_linears(qm, layers)
     with step("golden stimulus for RTL simulation (sim/)"):
         stimulus = write_stimulus(qm, layers, out)
@@ -135,14 +141,10 @@ def compile_maskrom(qm: QuantizedModel, summary: dict, out, *, base_name: str | 
         vias_drawn = write_gds(layers, tiles, out.path("layout/tiles.gds"))
         out.write_bytes("layout/die.png", die_png(layers))
         out.write_bytes(f"layout/tile{tiles[0]}.png", tile_png(layers, tiles[0]))
-    vc_vias = sum(int(np.count_nonzero(s.codes - (s.codes & ((1 << base.family.fine_bits) - 1))))
-                  for s in specs)
-    fine_vias = sum(int(np.count_nonzero(s.codes & ((1 << base.family.fine_bits) - 1)))
-                    for s in specs) if base.family.fine_bits else 0
     report = {
         "target": "maskrom", "format": qm.config.fmt, "base": base.name, "base_sha256": base.sha256,
         "layers_sha256": layers.sha256, "tiles_used": layers.index()["tiles_used"], "tiles": base.tiles,
-        "cells": sum(s.codes.size for s in specs), "vias": {"V_CODE": vc_vias, "V_FINE": fine_vias},
+        "cells": cells, "vias": {"V_CODE": vc_vias, "V_FINE": fine_vias},
         "lvs": {"values_compared": compared, "equal": True},
         "fabric_vs_golden": {"mode": verify, "equal": bool(outputs_equal), "values_checked": checked},
         "sim_stimulus_values": stimulus, "gds_tiles": tiles, "gds_vias_drawn": vias_drawn, "sram_bytes_needed": sram, "context": context,

@@ -67,12 +67,13 @@ def check_weights(w) -> np.ndarray:
     if w.dtype.kind not in "fiu":
         raise TapeoutError(f"weights must be real numbers, not {w.dtype}")
     w = w.astype(np.float32)
-    bad = int(np.size(w) - np.isfinite(w).sum())
-    if bad:
+    amax = max(-float(w.min()), float(w.max()))       # NaN if any weight is NaN
+    if not amax < np.inf:
+        bad = int(np.size(w) - np.isfinite(w).sum())
         raise TapeoutError(f"weights hold {bad} non-finite value(s) (NaN or inf, or beyond "
                            f"float32); fix the model's weights before quantising")
-    if np.abs(w).max() >= WEIGHT_LIMIT:
-        raise TapeoutError(f"weights reach {float(np.abs(w).max()):g}; the formats need "
+    if amax >= WEIGHT_LIMIT:
+        raise TapeoutError(f"weights reach {amax:g}; the formats need "
                            f"|w| < 2**120 (headroom for scales rounded up in float32)")
     return w
 

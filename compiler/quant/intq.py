@@ -9,24 +9,16 @@ from __future__ import annotations
 import numpy as np
 
 from .numerics import bf16_ceil
-from .plan import Plan, grouped, integer_group_scales, search_steps
+from .plan import GridRounder, Plan, grouped, integer_group_scales, search_steps
 from .tensor import int_range
 
 # clipping ratios tried by the scale search (rtn=False); 1.0 is plain absmax
 INT_ALPHAS = np.linspace(0.5, 1.2, 15)
 
 
-def safe_div(w: np.ndarray, step: np.ndarray) -> np.ndarray:
-    """w / step, with 0 where the step is 0 (all-zero groups)."""
-    return w / np.where(step > 0, step, np.inf)
-
-
-def int_rounder(bits: int):
-    lo, hi = int_range(bits)
-
-    def rounder(w, step, mask=None):
-        return np.clip(np.rint(safe_div(w, step)), lo, hi)
-    return rounder
+def int_rounder(bits: int) -> GridRounder:
+    """clip(rint(w / step), -2**(b-1), 2**(b-1) - 1)."""
+    return GridRounder(1, *int_range(bits))
 
 
 def plan_int(w: np.ndarray, bits: int, group_size: int, imp: np.ndarray, rtn: bool) -> Plan:
@@ -36,7 +28,7 @@ def plan_int(w: np.ndarray, bits: int, group_size: int, imp: np.ndarray, rtn: bo
     w3, imp3 = grouped(w, group_size), imp.reshape(-1, group_size)
     step = np.abs(w3).max(axis=2) / ((1 << (bits - 1)) - 0.5)
     if not rtn:
-        step = search_steps(w3, imp3, step, rounder, INT_ALPHAS)
+        step = search_steps(w3, imp3, step, rounder, INT_ALPHAS, strided=True)
     if group_size == n_in:
         group_scale = np.ones((out, 1), dtype=np.int32)
         row_scale = bf16_ceil(step[:, 0])

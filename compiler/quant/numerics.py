@@ -12,6 +12,7 @@ import numpy as np
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0
 E8M0_BIAS = 127
+PACK_FIELDS = 1 << 20       # fields per slice of pack_bits (bounds its temporaries)
 
 
 def e2m1_round(x: np.ndarray) -> np.ndarray:
@@ -88,8 +89,10 @@ def pack_bits(values: np.ndarray, width: int) -> bytes:
     values = np.asarray(values, dtype=np.uint64).ravel()
     if width == 0 or values.size == 0:
         return b""
-    bits = (values[:, None] >> np.arange(width, dtype=np.uint64)) & 1
-    return np.packbits(bits.astype(np.uint8).ravel(), bitorder="little").tobytes()
+    shifts = np.arange(width, dtype=np.uint64)
+    # PACK_FIELDS (a multiple of 8) fields at a time fill whole bytes: the pieces concatenate
+    return b"".join(np.packbits(((values[a:a + PACK_FIELDS, None] >> shifts) & 1).astype(np.uint8).ravel(),
+                                bitorder="little").tobytes() for a in range(0, values.size, PACK_FIELDS))
 
 
 def unpack_bits(data: bytes, width: int, count: int) -> np.ndarray:
