@@ -397,13 +397,7 @@ def _simulate_systolic(args: argparse.Namespace, progress: Progress) -> int:
             got = run_program(qm.golden(), machine, prog, feeds, stats)
     except IsaError as e:
         raise TapeoutError(f"program.bin: {e}", file=str(out)) from None
-    checked = mismatches = 0
-    for p in sorted(gold_dir.glob("*.npy")):
-        g = np.load(p)
-        checked += g.size
-        mismatches += int(np.count_nonzero(got[p.stem] != g))
-    if checked == 0:
-        raise TapeoutError("simulated nothing: no values were checked")
+    checked, mismatches = _compare_with_golden(got, gold_dir)
     r = {"engine": "isa", "checked": int(checked), "mismatches": mismatches, "cycles": stats["cycles"],
          "instructions": stats["instructions"], "per_opcode": stats["per_op"]}
     if args.json:
@@ -432,6 +426,19 @@ def _recompiled(args: argparse.Namespace, out: Path, progress: Progress):
                                "tokenizer": opt["tokenizer"], "json": True})
     _, qm, _, _ = _quantized(ns, progress)
     return qm, opt
+
+
+def _compare_with_golden(got: dict, gold_dir: Path) -> tuple[int, int]:
+    """(values checked, mismatches) of a simulation's outputs against OUT/sim/golden/*.npy."""
+    import numpy as np
+    checked = mismatches = 0
+    for p in sorted(gold_dir.glob("*.npy")):
+        g = np.load(p)
+        checked += g.size
+        mismatches += int(np.count_nonzero(got[p.stem] != g))
+    if checked == 0:
+        raise TapeoutError("simulated nothing: no values were checked")
+    return int(checked), mismatches
 
 
 def _simulate_dataflow(args: argparse.Namespace, progress: Progress) -> int:
@@ -464,13 +471,7 @@ def _simulate_dataflow(args: argparse.Namespace, progress: Progress) -> int:
             got = run_queues(qm.golden(), machine, queues, memmap, feeds, stats)
     except QueueError as e:
         raise TapeoutError(f"queues.bin: {e}", file=str(out)) from None
-    checked = mismatches = 0
-    for p in sorted(gold_dir.glob("*.npy")):
-        g = np.load(p)
-        checked += g.size
-        mismatches += int(np.count_nonzero(got[p.stem] != g))
-    if checked == 0:
-        raise TapeoutError("simulated nothing: no values were checked")
+    checked, mismatches = _compare_with_golden(got, gold_dir)
     sc = report["schedule"]
     r = {"engine": "dataflow", "checked": int(checked), "mismatches": mismatches, "cycles": stats["cycles"],
          "makespan": sc["makespan"], "lower_bound_cycles": sc["lower_bound"],

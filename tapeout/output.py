@@ -67,6 +67,14 @@ class OutputFolder:
         p.write_bytes(data)
         return p
 
+    def write_npy(self, rel: str, array: Any) -> Path:
+        """A numpy array in .npy format (no pickles)."""
+        import numpy as np
+        p = self.path(rel)
+        with open(p, "wb") as f:
+            np.save(f, np.asarray(array), allow_pickle=False)
+        return p
+
     def commit(self, manifest: dict[str, Any]) -> Path:
         artifacts = {rel: {"sha256": sha256_file(self.tmp / rel), "bytes": (self.tmp / rel).stat().st_size}
                      for rel in sorted(self.files)}

@@ -21,7 +21,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from .isa import OP, OPS, WHOLE, QueueError
+from .isa import OP, OPS, QueueError
 from .lower import unit_slice
 from .machine import Machine
 
@@ -52,9 +52,9 @@ def check(m: Machine, queues: dict[str, np.ndarray], memmap: list[dict]) -> dict
             raise QueueError(f"{unit} @ cycle {int(q['cycle'][i])}: queue not in issue order (instruction {i})")
         for i, r in enumerate(q):
             op, cyc, n = OPS[r["op"]], int(r["cycle"]), int(r["n"])
-            if op in ("READ", "SEND"):
+            if r["op"] in PRODUCERS:
                 ev.append((chip, int(r["stream"]), cyc, 0, unit, i))
-            elif op in ("WRITE", "RECV", "IW", "MM"):
+            elif r["op"] in READERS:
                 ev.append((chip, int(r["stream"]), cyc, 1, unit, i))
             port = PORT.get(op)
             if port:

@@ -2,7 +2,8 @@
 the checker's proof and the simulator's whole-model check against golden (spec: docs/dataflow.md)."""
 from __future__ import annotations
 
-import io
+from contextlib import nullcontext
+
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -58,7 +59,7 @@ def chrome_trace(queues: dict[str, np.ndarray], names: list[str], makespan: int)
 def compile_dataflow(gm: Golden, out, machine: Machine, *, verify: bool = True, step=None) -> dict:
     """Lower, schedule, place and write the artifacts into ``out`` (an OutputFolder)."""
     def stage(msg):
-        return step(msg) if step else _Null()
+        return step(msg) if step else nullcontext()
     with stage("lowering to stream operations, scheduling, placing copies and streams"):
         plan = lower(gm, machine)
     mm = memory_map(plan.copies)
@@ -142,22 +143,8 @@ def compile_dataflow(gm: Golden, out, machine: Machine, *, verify: bool = True, 
                                    f"{plan.makespan} (a compiler bug)")
             report["sim_vs_golden"] = {"checked": checked, "mismatches": mismatches, "cycles": st["cycles"]}
         for name, v in feeds.items():
-            out.write_bytes(f"sim/feeds/{name}.npy", _npy(v))
+            out.write_npy(f"sim/feeds/{name}.npy", v)
         for name, v in gold.items():
-            out.write_bytes(f"sim/golden/{name}.npy", _npy(v))
+            out.write_npy(f"sim/golden/{name}.npy", v)
     out.write_json("report.json", report)
     return report
-
-
-def _npy(a) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.asarray(a), allow_pickle=False)
-    return buf.getvalue()
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False

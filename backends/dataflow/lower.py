@@ -37,7 +37,7 @@ from tapeout.compiler.schedule import Problem, Resource, list_schedule
 from .isa import DF, FLAG_FIRST, FLAG_LAST, OP, WHOLE
 from .machine import Machine
 
-__all__ = ["Plan", "lower", "linear_blocks", "memory_map", "unit_slice", "VIEWS", "IMMEDIATE_ELEMS"]
+__all__ = ["Plan", "lower", "linear_blocks", "memory_map", "unit_slice", "is_immediate", "is_table_gather", "VIEWS"]
 
 VIEWS = {"Reshape", "Squeeze", "Unsqueeze", "Identity", "Flatten"}     # no data moves
 IMMEDIATE_ELEMS = 64            # constants this small ride in the instruction (shapes, axes, eps)
@@ -47,6 +47,17 @@ BIG = 1 << 62
 
 def nvec(nbytes: int, lanes: int) -> int:
     return max(1, -(-int(nbytes) // lanes))
+
+
+def is_immediate(g, t: str) -> bool:
+    """A constant small enough to ride in the instruction instead of being streamed."""
+    return t in g.constants and g.constants[t].size <= IMMEDIATE_ELEMS
+
+
+def is_table_gather(g, op) -> bool:
+    """A Gather of rows of a constant table by a graph input (token ids): an indexed read."""
+    return op.kind == "Gather" and op.inputs[0] in g.constants and op.inputs[1] in g.inputs \
+        and op.attr("axis", 0) == 0
 
 
 def linear_blocks(gm: Golden, name: str, m: Machine) -> dict:
@@ -87,6 +98,8 @@ class Task:
     block: int = WHOLE
     flags: int = 0
     mxm: int = -1
+    deps: list = field(default_factory=list)     # ordering edges besides the data (MXM order, buffers)
+    dst_chip: int = -1          # tx: the chip receiving
     tid: int = -1
     issue: int = 0
     unit: str = ""
@@ -147,13 +160,13 @@ class _Builder:
         return nvec(4 * self.elems(t), self.m.lanes)
 
     def is_immediate(self, t: str) -> bool:
-        return t in self.g.constants and self.g.constants[t].size <= IMMEDIATE_ELEMS
+        return is_immediate(self.g, t)
 
     def base(self, t: str) -> str:
         return self.alias.get(t, t)
 
     # --- partition --------------------------------------------------------------------------
-    def partition(self) -> list[int]:
+    def partition(self) -> tuple[list[int], int]:
         gm, m = self.gm, self.m
         self.geo = {op.name: linear_blocks(gm, op.name, m) for op in gm.order if op.kind == "linear"}
         need = []
@@ -188,9 +201,6 @@ class _Builder:
             used += b
             chip_of.append(c)
         n_chips = chips or (c + 1)
-        if max(chip_of) + 1 > n_chips:
-            raise TapeoutError(f"dataflow: the model needs more than chips={m.chips} chips for its "
-                               f"{total / 2**20:.1f} MiB of weights and constants")
         if chips:
             per = defaultdict(int)
             for ci, b in zip(chip_of, need):
@@ -198,7 +208,6 @@ class _Builder:
             if max(per.values()) > cap:
                 raise TapeoutError(f"dataflow: chips={m.chips} cannot hold {total / 2**20:.1f} MiB of weights "
                                    f"and constants ({cap / 2**20:.1f} MiB per chip)")
-        self.need = need
         return chip_of, n_chips
 
     # --- tasks ------------------------------------------------------------------------------
@@ -237,9 +246,7 @@ class _Builder:
                     continue
                 reads += self.operand(t, chip, j)
                 j += 1
-            gather = op.kind == "Gather" and op.inputs[0] in g.constants and op.inputs[1] in g.inputs \
-                and op.attr("axis", 0) == 0
-            if gather:         # an indexed read of only the rows the token ids pick
+            if is_table_gather(g, op):         # an indexed read of only the rows the token ids pick
                 t0, ids = op.inputs[0], op.inputs[1]
                 rows = self.elems(ids) * nvec(4 * int(np.prod(g.tensors[t0].shape[1:])), m.lanes)
                 reads = [(("gather", t0, ids, chip), rows, WHOLE, 0, 0)]
@@ -306,8 +313,7 @@ class _Builder:
             reads = self.operand(b, c, 0) if c == src else [(k_src, n, WHOLE, 0, 0)]
             last = max(r[4] for r in reads)
             task = Task("tx", c, self.producers[k_src][0].layer, reads, [(k_dst, n, WHOLE)],
-                        busy=last + d, out_off=last + self.m.link_latency + d)
-            task.dst_chip = c + 1
+                        busy=last + d, out_off=last + self.m.link_latency + d, dst_chip=c + 1)
             self.add_task(task)
         return key
 
@@ -334,7 +340,7 @@ class _Builder:
                 iw_vec = nvec(geo["block_bytes"] + (geo["req_bytes"] if last else 0), m.lanes)
                 iw = Task("iw", chip, layer, [(("w", layer, j, chip), iw_vec, WHOLE, 0, 0)], [], iw_vec, block=j, mxm=u)
                 hist = self.mxm_mm_hist[(chip, u)]
-                iw.extra = ([hist[-m.mxm_buffers]] if len(hist) >= m.mxm_buffers else []) + \
+                iw.deps = ([hist[-m.mxm_buffers]] if len(hist) >= m.mxm_buffers else []) + \
                     ([self.mxm_last_iw[(chip, u)]] if (chip, u) in self.mxm_last_iw else [])
                 iw.flags = len(hist) % m.mxm_buffers
                 self.add_task(iw)
@@ -346,14 +352,14 @@ class _Builder:
                 # the install must have landed: IW issues reach_all after its start, MM reach_act
                 lag = self.off["iw"] + iw.busy - self.off["mm"]
                 dep = self.p.add("flight", "flight", max(0, lag - iw.busy), [iw.tid]) if lag > iw.busy else iw.tid
-                mm.extra = [dep] + ([self.mxm_last_mm[(chip, u)]] if (chip, u) in self.mxm_last_mm else [])
+                mm.deps = [dep] + ([self.mxm_last_mm[(chip, u)]] if (chip, u) in self.mxm_last_mm else [])
                 self.add_task(mm)
                 self.mxm_last_mm[(chip, u)] = mm.tid
                 hist.append(mm.tid)
         self.mxm_next[chip] = (start + n_i) % m.mxm
 
     def add_task(self, task: Task) -> None:
-        deps = list(getattr(task, "extra", []))
+        deps = list(task.deps)
         for key, *_ in task.reads:
             for prod in self.producers.get(key, []):
                 deps.append(self.flight(prod, task.kind))

@@ -19,7 +19,7 @@ from tapeout.compiler.golden.model import KERNELS, Golden
 from tapeout.compiler.interp import run_op
 
 from .isa import FLAG_FIRST, FLAG_LAST, OP, OPS, WHOLE, QueueError
-from .lower import IMMEDIATE_ELEMS, linear_blocks, unit_slice
+from .lower import is_immediate, is_table_gather, linear_blocks, unit_slice
 from .machine import Machine
 
 __all__ = ["run_queues", "weight_block"]
@@ -38,7 +38,7 @@ def weight_block(gm: Golden, name: str, geo: dict, j: int) -> dict:
     unit = geo["unit"]
     first_units = np.arange(rows.start, rows.stop, unit)
     blk = {"codes": np.asarray(L.codes[cols, rows], np.int64),
-           "gs": np.asarray(L.group_scale[cols][:, first_units // L.group_size], np.int64), "id": (name, j)}
+           "gs": np.asarray(L.group_scale[cols][:, first_units // L.group_size], np.int64)}
     if k == geo["n_k"] - 1:
         blk.update(mult=L.mult[cols], shift=L.shift[cols], bias=None if L.bias is None else L.bias[cols])
     return blk
@@ -170,14 +170,14 @@ def run_queues(gm: Golden, m: Machine, queues: dict[str, np.ndarray], memmap: li
                 gl = geo(layer)
                 x = st["ops"][0].reshape(-1, gl["in"])
                 out = [fx.mx_units(x, gl["unit"], gm.config.act_bits, gm.config.block)]
-            elif opr.kind == "Gather" and st["ops"] and _is_gathered(gm, opr):
+            elif st["ops"] and is_table_gather(g, opr):
                 out = [st["ops"][0].reshape(g.tensors[opr.outputs[0]].shape)]
             else:
                 args, j = [], 0
                 for t in opr.inputs:
                     if not t:
                         args.append(None)
-                    elif t in g.constants and g.constants[t].size <= IMMEDIATE_ELEMS:
+                    elif is_immediate(g, t):
                         args.append(gm.const(t))
                     else:
                         if j not in st["ops"]:
@@ -248,11 +248,6 @@ def run_queues(gm: Golden, m: Machine, queues: dict[str, np.ndarray], memmap: li
         stats.update(cycles=int(end_max), instructions=int(len(order)),
                      per_op={OPS[o]: int(n) for o, n in enumerate(counts) if n})
     return {t: out[t] for t in g.outputs}
-
-
-def _is_gathered(gm: Golden, op) -> bool:
-    g = gm.graph
-    return op.inputs[0] in g.constants and op.inputs[1] in g.inputs and op.attr("axis", 0) == 0
 
 
 def _assemble(st: dict) -> None:

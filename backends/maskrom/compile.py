@@ -1,7 +1,6 @@
 """``tapeout compile --target maskrom``: quantised graph -> base die + two via layers + checks."""
 from __future__ import annotations
 
-import io
 from typing import Callable, ContextManager
 
 import numpy as np
@@ -85,9 +84,7 @@ def write_stimulus(qm: QuantizedModel, layers: ViaLayers, out, tokens: int = 16)
         for k in ("x", "y"):
             v = seen[n][k]
             v = v.reshape(-1, v.shape[-1])[:tokens].astype(np.int32)
-            buf = io.BytesIO()
-            np.save(buf, v, allow_pickle=False)
-            out.write_bytes(f"sim/{i:04d}.{k}.npy", buf.getvalue())
+            out.write_npy(f"sim/{i:04d}.{k}.npy", v)
             stored += v.size
     return stored
 

@@ -2,6 +2,8 @@
 and the ISA simulator's whole-model check against golden (spec: docs/isa.md)."""
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 
 from tapeout.compiler.errors import TapeoutError
@@ -110,7 +112,7 @@ def throughput(gm: Golden, machine: Machine, makespan: int) -> dict:
 def compile_systolic(gm: Golden, out, machine: Machine, *, verify: bool = True, step=None) -> dict:
     """Lower, schedule and write the artifacts into ``out`` (an OutputFolder); returns the report."""
     def stage(msg):
-        return step(msg) if step else _Null()
+        return step(msg) if step else nullcontext()
     with stage("lowering to microcode and scheduling"):
         low = lower(gm, machine)
     sched = low.schedule
@@ -154,9 +156,9 @@ def compile_systolic(gm: Golden, out, machine: Machine, *, verify: bool = True, 
                                    f"of {checked} outputs (a compiler bug)")
             report["isa_vs_golden"] = {"checked": checked, "mismatches": mismatches, "cycles": st["cycles"]}
         for name, v in feeds.items():
-            out.write_bytes(f"sim/feeds/{name}.npy", _npy(v))
+            out.write_npy(f"sim/feeds/{name}.npy", v)
         for name, v in gold.items():
-            out.write_bytes(f"sim/golden/{name}.npy", _npy(v))
+            out.write_npy(f"sim/golden/{name}.npy", v)
     out.write_json("report.json", report)
     return report
 
@@ -169,18 +171,3 @@ def _capacity(machine: Machine, layers: list[dict]) -> dict:
         r[mem] = {"bytes": kib * 1024, "peak_bytes": top[f"{mem}_bytes"] if top else 0,
                   "peak_layer": top["layer"] if top else None}
     return r
-
-
-def _npy(a) -> bytes:
-    import io
-    buf = io.BytesIO()
-    np.save(buf, np.asarray(a), allow_pickle=False)
-    return buf.getvalue()
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
