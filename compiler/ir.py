@@ -86,6 +86,9 @@ class Op:
         return f"Op({self.kind} {self.name!r}: {list(self.inputs)} -> {list(self.outputs)})"
 
 
+SORTS = {"count": 0}     # topological sorts done (a test counts them: one per pass at most)
+
+
 class GraphError(Exception):
     """An IR invariant does not hold (a compiler bug, not a user error)."""
 
@@ -103,12 +106,14 @@ class Graph:
         self.producer: dict[str, str] = {}           # tensor -> op name
         self.consumers: dict[str, list[str]] = {}    # tensor -> op names (in insertion order)
         self.meta: dict[str, Any] = {}               # source file, opset, bindings
+        self._order: tuple[str, ...] | None = None   # cached topological order (None: stale)
 
     # --- building -------------------------------------------------------------------------
     def add_op(self, op: Op) -> Op:
         if op.name in self.nx:
             raise GraphError(f"duplicate op name {op.name!r}")
         self.nx.add_node(op.name, op=op)
+        self._order = None
         for t in op.outputs:
             if t:
                 if t in self.producer:
@@ -143,12 +148,16 @@ class Graph:
             if t and self.producer.get(t) == name:
                 del self.producer[t]
         self.nx.remove_node(name)
+        self._order = None
         return op
 
     def replace_op(self, op: Op) -> None:
         """Swap the record of an existing op (same name) for ``op``."""
+        old, order = self.op(op.name), self._order
         self.remove_op(op.name)
         self.add_op(op)
+        if old.inputs == op.inputs and old.outputs == op.outputs:
+            self._order = order                      # same edges: the sorted order stays valid
 
     def add_constant(self, name: str, value: np.ndarray) -> str:
         value = np.asarray(value)
@@ -180,6 +189,7 @@ class Graph:
         g.producer = dict(self.producer)
         g.consumers = {k: list(v) for k, v in self.consumers.items()}
         g.meta = dict(self.meta)
+        g._order = self._order
         return g
 
     # --- reading --------------------------------------------------------------------------
@@ -188,9 +198,15 @@ class Graph:
 
     @property
     def ops(self) -> Iterator[Op]:
-        # ties between independent ops break by name, so the order is deterministic
-        for n in nx.lexicographical_topological_sort(self.nx, key=str):
-            yield self.nx.nodes[n]["op"]
+        """The ops in topological order; ties between independent ops break by name, so the order
+        is deterministic. Sorted once and cached until the next add/remove."""
+        order = self._order
+        if order is None:
+            SORTS["count"] += 1
+            order = self._order = tuple(nx.lexicographical_topological_sort(self.nx, key=str))
+        nodes = self.nx.nodes
+        for n in order:
+            yield nodes[n]["op"]
 
     def producer_op(self, tensor: str) -> Op | None:
         p = self.producer.get(tensor)

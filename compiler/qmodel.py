@@ -2,6 +2,7 @@
 weights, the float ("fake-quant") graph, and the integer golden model of the result."""
 from __future__ import annotations
 
+import copy
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +16,7 @@ from .errors import TapeoutError
 from .golden.model import Golden, GoldenConfig
 from .interp import run_op
 from .ir import Graph, Op
+from .program import IntegerProgram, Interface
 from .quant import QuantTensor, quantize
 from .quant.formats import resolve_format
 from .structure import recognise
@@ -23,56 +25,17 @@ from .structure import recognise
 # --- feeds ------------------------------------------------------------------------------------
 def token_input(graph: Graph) -> str:
     """The name of the token-id input of a prefill graph; other inputs must be fillable."""
-    ids = [n for n in graph.inputs if np.dtype(graph.tensors[n].dtype).kind in "iu"
-           and "mask" not in n and "position" not in n]
-    floats = [n for n in graph.inputs if np.dtype(graph.tensors[n].dtype).kind == "f"]
-    if len(ids) != 1 or floats:
-        raise TapeoutError("needs a prefill export whose inputs are input_ids (plus optional "
-                           f"attention_mask / position_ids); this model has {graph.inputs}",
-                           file=graph.meta.get("file"))
-    return ids[0]
+    return Interface.of(graph).require_tokens(graph)
 
 
 def window_feeds(graph: Graph, window: np.ndarray) -> dict[str, np.ndarray]:
     """Feeds for one window of token ids: ids, an all-ones mask, positions 0..S-1."""
-    tok = token_input(graph)
-    feeds = {}
-    for name in graph.inputs:
-        info = graph.tensors[name]
-        if name == tok:
-            feeds[name] = window.reshape(info.shape).astype(info.dtype)
-        elif "position" in name:
-            feeds[name] = np.broadcast_to(np.arange(info.shape[-1]), info.shape).astype(info.dtype)
-        else:
-            feeds[name] = np.ones(info.shape, info.dtype)
-    return feeds
+    return Interface.of(graph).window_feeds(graph, window)
 
 
 def sample_feeds(graph: Graph, seed: int = 0) -> dict[str, np.ndarray]:
-    """Golden feeds for a backend's self-check, for prefill and for decode graphs.
-
-    Token ids are drawn uniformly from the vocabulary (seeded, so artifacts stay
-    deterministic); masks are all ones; ``position_ids`` count on from the past length; a KV
-    cache input (any float input, e.g. ``past_key_values.0.key``) gets standard-normal values
-    in golden's Q16, which exercises every kernel like a real cache would."""
-    from .golden import fixed as fx
-    rng = np.random.default_rng(seed)
-    vocab = graph.tensors[graph.outputs[0]].shape[-1]
-    floats = [n for n in graph.inputs if np.dtype(graph.tensors[n].dtype).kind == "f"]
-    past = max((graph.tensors[n].shape[-2] for n in floats), default=0)
-    feeds = {}
-    for name in graph.inputs:
-        info = graph.tensors[name]
-        kind = np.dtype(info.dtype).kind
-        if kind == "f":
-            feeds[name] = fx.to_fixed(rng.standard_normal(info.shape))
-        elif "position" in name:
-            feeds[name] = np.broadcast_to(past + np.arange(info.shape[-1]), info.shape).astype(info.dtype)
-        elif "mask" in name:
-            feeds[name] = np.ones(info.shape, info.dtype)
-        else:
-            feeds[name] = rng.integers(0, vocab, info.shape).astype(info.dtype)
-    return feeds
+    """Golden feeds for a backend's self-check (see :meth:`Interface.sample_feeds`)."""
+    return Interface.of(graph).sample_feeds(graph, seed)
 
 
 def windows(ids: np.ndarray, seq_len: int) -> list[np.ndarray]:
@@ -227,6 +190,17 @@ class QuantizedModel:
     config: QuantConfig
     weights: dict[str, QuantTensor]
     roles: dict[str, str]
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def program(self, config: GoldenConfig = GoldenConfig(), summary: dict | None = None) -> IntegerProgram:
+        """The integer program of this model (built once per golden config)."""
+        key = ("program", config)
+        if key not in self._cache:
+            quant = {k: v for k, v in self.report().items() if k != "tensors"}
+            self._cache[key] = IntegerProgram.build(self.graph, self.weights, config, roles=self.roles,
+                                                    summary=summary if summary is not None else recognise(self.graph),
+                                                    quant=quant)
+        return self._cache[key]
 
     def float_graph(self) -> Graph:
         """The graph with every linear weight replaced by its dequantised value (float path)."""
@@ -240,10 +214,15 @@ class QuantizedModel:
         return g
 
     def golden(self, config: GoldenConfig = GoldenConfig()) -> Golden:
-        return Golden(self.graph, self.weights, config)
+        return Golden(self.program(config))
 
     def report(self) -> dict:
         """Per tensor and total: format, bits per weight, outlier fraction, relative error."""
+        if "report" not in self._cache:
+            self._cache["report"] = self._report()
+        return copy.deepcopy(self._cache["report"])
+
+    def _report(self) -> dict:
         rows, total_bits, total_w, body_bits, body_w = [], 0, 0, 0, 0
         for name, qt in self.weights.items():
             w = np.asarray(weight_matrix(self.graph, self.graph.op(name)), np.float64)
@@ -268,8 +247,8 @@ class QuantizedModel:
                 "weights": body_w, "tensors": rows}
 
 
-def linear_roles(graph: Graph) -> dict[str, str]:
-    s = recognise(graph)["structure"]
+def linear_roles(graph: Graph, summary: dict | None = None) -> dict[str, str]:
+    s = (summary or recognise(graph))["structure"]
     roles = {}
     for b in s["blocks"]:
         for role, info in b["linears"].items():
@@ -280,14 +259,14 @@ def linear_roles(graph: Graph) -> dict[str, str]:
 
 
 def quantize_model(graph: Graph, config: QuantConfig, stats: CalibStats | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> QuantizedModel:
+                   progress: Callable[[int, int], None] | None = None, summary: dict | None = None) -> QuantizedModel:
     """Quantise every ``linear`` weight of ``graph`` (the LM head per ``config``).
 
     Tensors are independent, so WORKERS of them are quantised at once, largest first;
     results, progress and the first error come in op order, exactly as one at a time."""
     if config.needs_calibration and stats is None:
         raise TapeoutError(f"format {config.fmt} needs calibration statistics (activation-aware)")
-    roles = linear_roles(graph)
+    roles = linear_roles(graph, summary)
     ops = linear_ops(graph)
     jobs = []
     for op in ops:

@@ -21,6 +21,7 @@ from tapeout.cli import main
 from tapeout.compiler.frontend import frontend
 from tapeout.compiler.qmodel import QuantConfig, quantize_model, sample_feeds
 
+from _support import rehash
 from test_bad_input import assert_one_line_error, run_cli
 
 LIMIT = {"cycle": (1 << 40) - 1, "op": len(OPS) - 1, "flags": 255, "stream": 65535, "peer": 65535}
@@ -168,6 +169,7 @@ def test_compile_and_simulate_cli(tiny, tmp_path, capsys):
     u = next(k for k, v in q.items() if ".mxm" in k and len(v))
     q[u]["cycle"][-1] += 5
     (tmp_path / "a" / "queues.bin").write_bytes(encode(q))
+    rehash(tmp_path / "a", "queues.bin")
     code, _, err = run_cli(capsys, "simulate", tmp_path / "a")
     assert_one_line_error(code, err, "queues.bin", u)
 

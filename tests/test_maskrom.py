@@ -25,7 +25,7 @@ def quantized(tiny, fam, fmt, group=None):
 
 
 def chip(qm):
-    specs = specs_of(qm)
+    specs = specs_of(qm.program())
     base = choose_base(qm.config.fmt, [s.shape for s in specs], 0)
     return base, specs, build_layers(base, specs)
 

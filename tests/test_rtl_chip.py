@@ -11,6 +11,7 @@ import pytest
 
 from tapeout.cli import main
 
+from _support import rehash
 from test_bad_input import assert_one_line_error, run_cli
 
 
@@ -86,12 +87,13 @@ def test_a_corrupted_via_is_caught(chips, capsys, tmp_path):
                   if x["role"] == "layers.0.k_proj")
     data[k_proj["first_tile"] * record + 5] ^= 0x11          # move two vias of one row
     (bad / "layers/V_CODE.bin").write_bytes(bytes(data))
+    rehash(bad, "layers/V_CODE.bin")
     code, r, _ = simulate_json(capsys, bad, "--layer", "layers.0.k_proj")
     assert code == 1 and r["mismatches"] > 0 and r["checked"] == 16 * 32
 
 
 def test_simulate_bad_input(chips, capsys, tmp_path):
     code, _, err = run_cli(capsys, "simulate", tmp_path)
-    assert_one_line_error(code, err, "not a maskrom compile output")
+    assert_one_line_error(code, err, "not a compile folder")
     code, _, err = run_cli(capsys, "simulate", chips["llama"], "--layer", "layers.9")
     assert_one_line_error(code, err, "matches no linear")

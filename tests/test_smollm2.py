@@ -114,7 +114,7 @@ def test_whole_model_fabric_model_equals_golden(smol, graph, fmt):
         calib = np.array(tok(open(REPO / "compiler/data/calib.txt").read())["input_ids"])
         stats = calibrate(graph, windows(calib[:256], 16))
     qm = quantize_model(graph, QuantConfig(fmt, quantize_head=True), stats)
-    specs = specs_of(qm)
+    specs = specs_of(qm.program())
     base = choose_base(fmt, [s.shape for s in specs], 0)
     layers = build_layers(base, specs)
     assert lvs(layers, specs) > 134_000_000

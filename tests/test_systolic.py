@@ -20,6 +20,7 @@ from tapeout.compiler.frontend import frontend
 from tapeout.compiler.qmodel import QuantConfig, quantize_model
 from tapeout.hdl.sim import verilator_available
 
+from _support import rehash
 from test_bad_input import assert_one_line_error, run_cli
 
 WIDTH = {name: width for name, _, width in WORD0 + WORD1}
@@ -126,6 +127,7 @@ def test_corrupted_microcode_is_caught(tiny, tmp_path, capsys):
     j = int(np.flatnonzero(prog["op"] == OPS.index("PRELOAD"))[3])
     prog["k"][j] += 1                                    # a PRELOAD of the wrong K tile
     (out / "program.bin").write_bytes(encode(prog))
+    rehash(out, "program.bin")
     capsys.readouterr()
     code, _, err = run_cli(capsys, "simulate", str(out), "--json")
     assert_one_line_error(code, err, "program.bin: instruction", "expects weights")

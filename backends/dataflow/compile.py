@@ -10,7 +10,7 @@ import numpy as np
 
 from tapeout.compiler.errors import TapeoutError
 from tapeout.compiler.golden.model import Golden
-from tapeout.compiler.qmodel import sample_feeds
+from tapeout.compiler.program import IntegerProgram
 
 from .check import check
 from .isa import OP, OPS, QueueError, encode, listing
@@ -24,9 +24,8 @@ LISTING_ROWS = 2000          # rows per unit in queues.lst (queues.bin has them 
 TRACE_EVENTS = 200_000
 
 
-def is_decode(gm: Golden) -> bool:
-    g = gm.graph
-    return any(np.dtype(g.tensors[t].dtype).kind == "f" for t in g.inputs)
+def is_decode(ip: IntegerProgram) -> bool:
+    return ip.interface.mode == "decode"
 
 
 def chrome_trace(queues: dict[str, np.ndarray], names: list[str], makespan: int) -> dict:
@@ -56,12 +55,12 @@ def chrome_trace(queues: dict[str, np.ndarray], names: list[str], makespan: int)
     return {"traceEvents": events, "displayTimeUnit": "ns", "otherData": other}
 
 
-def compile_dataflow(gm: Golden, out, machine: Machine, *, verify: bool = True, step=None) -> dict:
+def compile_dataflow(ip: IntegerProgram, out, machine: Machine, *, verify: bool = True, step=None) -> dict:
     """Lower, schedule, place and write the artifacts into ``out`` (an OutputFolder)."""
     def stage(msg):
         return step(msg) if step else nullcontext()
     with stage("lowering to stream operations, scheduling, placing copies and streams"):
-        plan = lower(gm, machine)
+        plan = lower(ip, machine)
     mm = memory_map(plan.copies)
     with stage("checking the queues (streams, ports, arrivals, memory)"):
         try:
@@ -103,10 +102,9 @@ def compile_dataflow(gm: Golden, out, machine: Machine, *, verify: bool = True, 
             iw_busy[(t.chip, t.mxm)] += t.busy
     weight_bound = max(iw_busy.values(), default=0)
     lb = int(sched.lower_bound)
-    decode = is_decode(gm)
-    g = gm.graph
-    tok = max((int(np.prod(g.tensors[t].shape)) for t in g.inputs if np.dtype(g.tensors[t].dtype).kind in "iu"
-               and "mask" not in t and "position" not in t), default=1)
+    decode = is_decode(ip)
+    g, itf = ip.graph, ip.interface
+    tok = int(np.prod(g.tensors[itf.tokens].shape)) if itf.tokens else 1
     clock = machine.clock_hz
     report = {
         "target": "dataflow", "machine": machine.as_dict(), "chips": plan.chips, "instructions": total,
@@ -128,13 +126,13 @@ def compile_dataflow(gm: Golden, out, machine: Machine, *, verify: bool = True, 
                                      "stages": stages, "tasks": sched.to_json()["tasks"][:TRACE_EVENTS]})
     if verify:
         with stage("cycle-accurate simulator vs golden on a sample input (whole model)"):
-            feeds = sample_feeds(g)
+            feeds = ip.interface.sample_feeds(g)
             st: dict = {}
             try:
-                got = run_queues(gm, machine, q, mm, feeds, st)
+                got = run_queues(ip, machine, q, mm, feeds, st)
             except QueueError as e:
                 raise TapeoutError(f"internal check failed: the simulator stopped: {e} (a compiler bug)") from None
-            gold = gm.run(feeds)
+            gold = Golden(ip).run(feeds)
             checked = int(sum(v.size for v in gold.values()))
             mismatches = int(sum(np.count_nonzero(got[k] != gold[k]) for k in gold))
             if mismatches or st["cycles"] != plan.makespan:

@@ -31,7 +31,8 @@ import numpy as np
 
 from tapeout.compiler.errors import TapeoutError
 from tapeout.compiler.golden import fixed as fx
-from tapeout.compiler.golden.model import PLUMBING, Golden
+from tapeout.compiler.golden.model import PLUMBING
+from tapeout.compiler.program import IntegerProgram
 from tapeout.compiler.schedule import Problem, Resource, list_schedule
 
 from .isa import DF, FLAG_FIRST, FLAG_LAST, OP, WHOLE
@@ -60,16 +61,16 @@ def is_table_gather(g, op) -> bool:
         and op.attr("axis", 0) == 0
 
 
-def linear_blocks(gm: Golden, name: str, m: Machine) -> dict:
+def linear_blocks(ip: IntegerProgram, name: str, m: Machine) -> dict:
     """Weight blocks of one linear: ``rows`` (a multiple of the MXINT/group unit dividing the
     input width, <= mxm_k) by ``cols`` (dividing the output width into a multiple of the MXM
     count when it can, <= mxm_n) and the bytes of one block: codes stored as indices into the
     layer's alphabet (4 bits for nvfp4/mxfp4/int4, 8 for int8; w3o6 stores its 6-bit outliers
     unpacked at the alphabet's width) plus the group scales; the last K block also carries the
     requantisation words (multiplier, shift, bias: 10 bytes per output)."""
-    L = gm.linears[name]
+    L = ip.linears[name]
     o_dim, i_dim = L.codes.shape
-    unit = math.gcd(fx.mx_block(i_dim, gm.config.block), L.group_size)
+    unit = math.gcd(fx.mx_block(i_dim, ip.config.block), L.group_size)
     rows = max(r for r in range(unit, min(m.mxm_k, i_dim) + 1, unit) if i_dim % r == 0)
     even = [c for c in range(1, min(m.mxm_n, o_dim) + 1) if o_dim % c == 0 and (o_dim // c) % m.mxm == 0]
     cols = max(even) if even else min(m.mxm_n, o_dim)
@@ -147,8 +148,8 @@ def _offsets(m: Machine) -> dict[str, int]:
 
 
 class _Builder:
-    def __init__(self, gm: Golden, m: Machine):
-        self.gm, self.m, self.g = gm, m, gm.graph
+    def __init__(self, ip: IntegerProgram, m: Machine):
+        self.ip, self.m, self.g = ip, m, ip.graph
         self.off = _offsets(m)
         self.H = m.reach_act
 
@@ -167,11 +168,11 @@ class _Builder:
 
     # --- partition --------------------------------------------------------------------------
     def partition(self) -> tuple[list[int], int]:
-        gm, m = self.gm, self.m
-        self.geo = {op.name: linear_blocks(gm, op.name, m) for op in gm.order if op.kind == "linear"}
+        ip, m = self.ip, self.m
+        self.geo = {op.name: linear_blocks(ip, op.name, m) for op in ip.ops if op.kind == "linear"}
         need = []
         seen: set[str] = set()
-        for op in gm.order:
+        for op in ip.ops:
             b = 0
             if op.kind == "linear":
                 geo = self.geo[op.name]
@@ -183,7 +184,7 @@ class _Builder:
                         b += 4 * self.g.constants[t].size
             need.append(b)
         cap = m.store_bytes
-        for op, b in zip(gm.order, need):
+        for op, b in zip(ip.ops, need):
             if b > cap:
                 raise TapeoutError(f"dataflow: op {op.name} needs {b / 2**20:.1f} MiB of weights/constants, more "
                                    f"than one chip's {cap / 2**20:.1f} MiB outside the activation banks; raise "
@@ -212,7 +213,7 @@ class _Builder:
 
     # --- tasks ------------------------------------------------------------------------------
     def build(self, progress=None) -> None:
-        gm, m, g = self.gm, self.m, self.g
+        ip, m, g = self.ip, self.m, self.g
         self.alias: dict[str, str] = {}
         self.chip_of, self.n_chips = self.partition()
         res = []
@@ -231,7 +232,7 @@ class _Builder:
         self.mxm_mm_hist = defaultdict(list)                          # (chip, u) -> MM tids in order
         self.mxm_next = defaultdict(int)                              # (chip) -> next MXM for uneven linears
         self.routes: dict[tuple, tuple] = {}                          # (tensor, chip) -> value key there
-        for layer, op in enumerate(gm.order):
+        for layer, op in enumerate(ip.ops):
             chip = self.chip_of[layer]
             if op.kind in VIEWS:
                 src = op.inputs[0]
@@ -365,8 +366,8 @@ class _Builder:
                 deps.append(self.flight(prod, task.kind))
         res = {"vxm": "vxm", "qx": "vxm", "sxm": "sxm", "tx": "c2c"}.get(task.kind)
         res = f"c{task.chip}.{res}" if res else f"c{task.chip}.mxm{task.mxm}.{'w' if task.kind == 'iw' else 'x'}"
-        task.tid = self.p.add(f"{task.kind}:{self.gm.order[task.layer].name}", res, task.busy, sorted(set(deps)),
-                              layer=self.gm.order[task.layer].name)
+        task.tid = self.p.add(f"{task.kind}:{self.ip.ops[task.layer].name}", res, task.busy, sorted(set(deps)),
+                              layer=self.ip.ops[task.layer].name)
         self.tasks.append(task)
         self.by_tid[task.tid] = task
         for key, _, _ in task.outs:
@@ -384,8 +385,8 @@ class _Builder:
         return self.flights[key]
 
 
-def lower(gm: Golden, m: Machine, progress=None) -> Plan:
-    b = _Builder(gm, m)
+def lower(ip: IntegerProgram, m: Machine, progress=None) -> Plan:
+    b = _Builder(ip, m)
     b.build(progress)
     if progress:
         progress(f"scheduling {len(b.p)} tasks")
@@ -409,7 +410,7 @@ def lower(gm: Golden, m: Machine, progress=None) -> Plan:
         chip_bytes.append({"weights": sum(cp.nbytes for cp in mine if cp.key[0] == "w"),
                            "constants": sum(cp.nbytes for cp in mine if cp.key[0] in ("const", "constv", "gather")),
                            "activations_peak": _peak_live(mine)})
-    return Plan(m, b.n_chips, b.chip_of, [op.name for op in gm.order], b.tasks, copies, queues, sched, makespan,
+    return Plan(m, b.n_chips, b.chip_of, [op.name for op in ip.ops], b.tasks, copies, queues, sched, makespan,
                 streams_used, b.geo, chip_bytes)
 
 
@@ -417,19 +418,19 @@ def lower(gm: Golden, m: Machine, progress=None) -> Plan:
 def _copies(b: _Builder) -> list[Copy]:
     """Copies of every value: as few as its reads need (reads of one copy never overlap), plus
     one per model output (block) for the host."""
-    gm, g, m = b.gm, b.g, b.m
+    ip, g, m = b.ip, b.g, b.m
     copies: list[Copy] = []
     index: dict[tuple, Copy] = {}
 
     def nbytes_of(key) -> tuple[int, bool, str]:
         kind = key[0]
         if kind == "w":
-            geo = b.geo[gm.order[key[1]].name]
+            geo = b.geo[ip.ops[key[1]].name]
             last = key[2] % geo["n_k"] == geo["n_k"] - 1
             return geo["block_bytes"] + (geo["req_bytes"] if last else 0), True, ""
         if kind == "xq":
-            geo = b.geo[gm.order[key[1]].name]
-            T = b.elems(gm.order[key[1]].inputs[0]) // geo["in"]
+            geo = b.geo[ip.ops[key[1]].name]
+            T = b.elems(ip.ops[key[1]].inputs[0]) // geo["in"]
             return T * geo["in"] + T * (geo["in"] // geo["unit"]), False, ""
         if kind == "gather":
             return 4 * g.constants[key[1]].size, True, key[2]

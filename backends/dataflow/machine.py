@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from tapeout.compiler.errors import TapeoutError
+from tapeout.backends.target import parse_machine
 
 __all__ = ["Machine"]
 
@@ -137,15 +138,4 @@ class Machine:
     @classmethod
     def from_options(cls, items: list[str] | None) -> "Machine":
         """``["mxm=8", "bank_kib=1024", ...]`` (the CLI's ``--machine K=V``)."""
-        kw: dict = {}
-        fields = {f.name for f in dataclasses.fields(cls)}
-        for item in items or []:
-            key, sep, val = item.partition("=")
-            if not sep or key not in fields:
-                raise TapeoutError(f"--machine expects KEY=VALUE with KEY one of {', '.join(sorted(fields))}, "
-                                   f"not {item!r}")
-            try:
-                kw[key] = float(val) if key == "clock_hz" else int(val)
-            except ValueError:
-                raise TapeoutError(f"--machine {key}: {val!r} is not a number") from None
-        return cls(**kw)
+        return parse_machine(cls, items, strings=())

@@ -15,7 +15,8 @@ from collections import defaultdict
 import numpy as np
 
 from tapeout.compiler.golden import fixed as fx
-from tapeout.compiler.golden.model import KERNELS, Golden
+from tapeout.compiler.golden.model import KERNELS
+from tapeout.compiler.program import IntegerProgram
 from tapeout.compiler.interp import run_op
 
 from .isa import FLAG_FIRST, FLAG_LAST, OP, OPS, WHOLE, QueueError
@@ -29,9 +30,9 @@ RANK = {OP["READ"]: 0, OP["SEND"]: 0, OP["RX"]: 0, OP["WRITE"]: 1, OP["RECV"]: 1
         OP["EXEC"]: 2, OP["TX"]: 2, OP["NOP"]: 3}
 
 
-def weight_block(gm: Golden, name: str, geo: dict, j: int) -> dict:
+def weight_block(ip: IntegerProgram, name: str, geo: dict, j: int) -> dict:
     """The contents of weight block ``j`` of linear ``name`` as the load image stores it."""
-    L = gm.linears[name]
+    L = ip.linears[name]
     i, k = divmod(j, geo["n_k"])
     cols = slice(i * geo["cols"], min((i + 1) * geo["cols"], geo["out"]))
     rows = slice(k * geo["rows"], (k + 1) * geo["rows"])
@@ -44,16 +45,16 @@ def weight_block(gm: Golden, name: str, geo: dict, j: int) -> dict:
     return blk
 
 
-def run_queues(gm: Golden, m: Machine, queues: dict[str, np.ndarray], memmap: list[dict], feeds: dict,
+def run_queues(ip: IntegerProgram, m: Machine, queues: dict[str, np.ndarray], memmap: list[dict], feeds: dict,
                stats: dict | None = None) -> dict:
     """Run the queues on ``feeds`` (golden's integer feeds); returns the model outputs."""
-    g = gm.graph
+    g = ip.graph
     geos: dict[str, dict] = {}
 
     def geo(layer: int) -> dict:
-        name = gm.order[layer].name
+        name = ip.ops[layer].name
         if name not in geos:
-            geos[name] = linear_blocks(gm, name, m)
+            geos[name] = linear_blocks(ip, name, m)
         return geos[name]
 
     # the load image: weights, constants and inputs in their banks
@@ -65,13 +66,13 @@ def run_queues(gm: Golden, m: Machine, queues: dict[str, np.ndarray], memmap: li
             continue
         if kind == "w":
             layer, j = int(v[1]), int(v[2])
-            mem[c["id"]] = weight_block(gm, gm.order[layer].name, geo(layer), j)
+            mem[c["id"]] = weight_block(ip, ip.ops[layer].name, geo(layer), j)
         elif kind == "const":
-            mem[c["id"]] = gm.const(v[1])
+            mem[c["id"]] = ip.const(v[1])
         elif kind == "constv":
-            mem[c["id"]] = gm.const(v[2]).reshape(g.tensors[v[1]].shape)
+            mem[c["id"]] = ip.const(v[2]).reshape(g.tensors[v[1]].shape)
         elif kind == "gather":
-            mem[c["id"]] = gm.const(v[1])
+            mem[c["id"]] = ip.const(v[1])
         elif kind == "input":
             mem[c["id"]] = np.asarray(feeds[v[1]]).astype(np.int64)
     by_id = {c["id"]: c for c in memmap}
@@ -165,11 +166,11 @@ def run_queues(gm: Golden, m: Machine, queues: dict[str, np.ndarray], memmap: li
         elif op == "EXEC":
             st = regs[u]
             _assemble(st)
-            opr = gm.order[layer]
+            opr = ip.ops[layer]
             if opr.kind == "linear":                            # QX: MXINT quantisation of the input
                 gl = geo(layer)
                 x = st["ops"][0].reshape(-1, gl["in"])
-                out = [fx.mx_units(x, gl["unit"], gm.config.act_bits, gm.config.block)]
+                out = [fx.mx_units(x, gl["unit"], ip.config.act_bits, ip.config.block)]
             elif st["ops"] and is_table_gather(g, opr):
                 out = [st["ops"][0].reshape(g.tensors[opr.outputs[0]].shape)]
             else:
@@ -178,13 +179,13 @@ def run_queues(gm: Golden, m: Machine, queues: dict[str, np.ndarray], memmap: li
                     if not t:
                         args.append(None)
                     elif is_immediate(g, t):
-                        args.append(gm.const(t))
+                        args.append(ip.const(t))
                     else:
                         if j not in st["ops"]:
                             fail(u, cyc, f"EXEC of {opr.name} without operand {j}")
                         args.append(np.asarray(st["ops"][j]).reshape(g.tensors[t].shape))
                         j += 1
-                res = KERNELS[opr.kind](gm, opr, *args) if opr.kind in KERNELS else run_op(opr, args)
+                res = KERNELS[opr.kind](ip, opr, *args) if opr.kind in KERNELS else run_op(opr, args)
                 res = res if isinstance(res, tuple) else (res,)
                 out = [v for name, v in zip(opr.outputs, res) if name]
             st["ops"] = {}
@@ -202,7 +203,7 @@ def run_queues(gm: Golden, m: Machine, queues: dict[str, np.ndarray], memmap: li
             st = regs[u]
             hit = [b for b in st["bufs"].values() if b[0] == layer and b[1] == int(r["a"])]
             if not hit:
-                fail(u, cyc, f"MM of block {int(r['a'])} of {gm.order[layer].name}, which is not installed")
+                fail(u, cyc, f"MM of block {int(r['a'])} of {ip.ops[layer].name}, which is not installed")
             blk = hit[0][2]
             gl = geo(layer)
             unit = gl["unit"]
@@ -212,7 +213,7 @@ def run_queues(gm: Golden, m: Machine, queues: dict[str, np.ndarray], memmap: li
             part = fx.int_matmul(xs, w.T)
             st["acc"] = part if r["flags"] & FLAG_FIRST else st["acc"] + part
             if r["flags"] & FLAG_LAST:
-                acc = fx.check_acc(st["acc"], gm.order[layer].name)
+                acc = fx.check_acc(st["acc"], ip.ops[layer].name)
                 y = fx.rshift_round(acc * blk["mult"][None, :], blk["shift"][None, :] - emin[:, None])
                 if blk["bias"] is not None:
                     y = y + blk["bias"]

@@ -5,12 +5,13 @@ from typing import Callable, ContextManager
 
 import numpy as np
 
-from tapeout.compiler.golden.model import GoldenConfig
-from tapeout.compiler.qmodel import QuantizedModel, window_feeds
+from tapeout.compiler.errors import TapeoutError
+from tapeout.compiler.golden.model import Golden, IntLinear, linear_int
+from tapeout.compiler.program import IntegerProgram
 
 from .base import BaseDie, choose_base
 from .fabric import fabric_linear, fabric_model
-from .layers import ViaLayers, build_layers, extract, linear_spec, lvs
+from .layers import LinearSpec, ViaLayers, build_layers, extract, lvs
 
 FULL_CHECK_MAX_WEIGHTS = 20_000_000   # above this, compile checks linear by linear (see --verify)
 from .render import die_png, tile_png, write_gds
@@ -25,43 +26,49 @@ def kv_cache_bytes(summary: dict, context: int) -> int:
     return total
 
 
-def specs_of(qm: QuantizedModel):
-    g = qm.graph
+def specs_of(program: IntegerProgram) -> list[LinearSpec]:
+    """The chip's view of every linear, in program order: the program's integer constants."""
     out = []
-    for name, qt in qm.weights.items():
-        op = g.op(name)
-        bias = g.constants[op.inputs[2]] if len(op.inputs) > 2 and op.inputs[2] else None
-        out.append(linear_spec(name, qm.roles.get(name, "other"), qt, bias))
+    for name, L in program.linears.items():
+        bias = np.zeros(L.codes.shape[0], np.int64) if L.bias is None else np.asarray(L.bias, np.int64)
+        out.append(LinearSpec(name, program.roles.get(name, "other"), np.asarray(L.codes, np.int64), L.group_size,
+                              np.asarray(L.group_scale, np.int64), np.asarray(L.mult, np.int64),
+                              np.asarray(L.shift, np.int64), bias))
     return out
 
 
-def check_linears(qm: QuantizedModel, layers: ViaLayers, tokens: int = 4) -> int:
+def check_linears(program: IntegerProgram, layers: ViaLayers, tokens: int = 4) -> int:
     """Each linear alone: fabric model (from the extracted layers) vs golden on random Q16 tokens."""
-    from tapeout.compiler.golden.model import Golden, IntLinear, linear_int
-    gm = Golden.__new__(Golden)            # only .config and .linear_fn are read by the kernels
-    gm.config, gm.linear_fn = GoldenConfig(), None
+    gm = Golden(program)
     fab = fabric_linear(layers.base.family)
     rng = np.random.default_rng(0)
     checked = 0
     for li, name in enumerate(layers.names):
-        qt = qm.weights[name]
+        L = program.linears[name]
         e = extract(layers, li)
-        L_gold = IntLinear.build(np.asarray(qt.codes, np.int64), int(qt.group_size),
-                                 np.asarray(qt.group_scale, np.int64), e.mult, e.shift, e.bias)
+        L_gold = IntLinear.build(np.asarray(L.codes, np.int64), L.group_size, np.asarray(L.group_scale, np.int64),
+                                 e.mult, e.shift, e.bias)
         L_fab = IntLinear.build(e.codes, e.group_size, e.group_scale, e.mult, e.shift, e.bias)
         x = rng.integers(-(4 << 16), 4 << 16, (tokens, e.shape[1]))
         a, b = linear_int(gm, L_gold, x, name), fab(gm, L_fab, x, name)
         if not np.array_equal(a, b):
-            from tapeout.compiler.errors import TapeoutError
             raise TapeoutError(f"internal check failed: fabric model differs from golden on {name} (a compiler bug)")
         checked += a.size
     return checked
 
 
-def write_stimulus(qm: QuantizedModel, layers: ViaLayers, out, tokens: int = 16) -> int:
+def sample_window(program: IntegerProgram, seed: int) -> dict[str, np.ndarray]:
+    """Feeds of one random prefill window (seeded): the compile's self-check and stimulus input."""
+    graph, itf = program.graph, program.interface
+    tok = itf.require_tokens(graph)
+    window = np.random.default_rng(seed).integers(0, itf.vocab, int(np.prod(graph.tensors[tok].shape)))
+    return itf.window_feeds(graph, window)
+
+
+def write_stimulus(program: IntegerProgram, layers: ViaLayers, out, tokens: int = 16) -> int:
     """Golden's Q16 input and output of every linear on one sample window (``sim/``): what
     ``tapeout simulate`` drives into the RTL and expects back. Returns the values stored."""
-    graph = qm.graph
+    graph = program.graph
     names = set(layers.names)
     want: dict[str, list[str]] = {}
     for n in names:                         # q, k and v read one tensor
@@ -75,10 +82,7 @@ def write_stimulus(qm: QuantizedModel, layers: ViaLayers, out, tokens: int = 16)
         if t in outs:
             seen[outs[t]]["y"] = v
 
-    vocab = graph.tensors[graph.outputs[0]].shape[-1]
-    shape = graph.tensors[graph.inputs[0]].shape
-    window = np.random.default_rng(1).integers(0, vocab, int(np.prod(shape)))
-    qm.golden().run(window_feeds(graph, window), keep=keep)
+    Golden(program).run(sample_window(program, 1), keep=keep)
     stored = 0
     for i, n in enumerate(layers.names):
         for k in ("x", "y"):
@@ -89,21 +93,35 @@ def write_stimulus(qm: QuantizedModel, layers: ViaLayers, out, tokens: int = 16)
     return stored
 
 
-def compile_maskrom(qm: QuantizedModel, summary: dict, out, *, base_name: str | None = None,
+def plan_base(fmt: str, shapes: list[tuple[int, int]], summary: dict, context: int,
+              base_name: str | None) -> tuple[BaseDie, int]:
+    """The base die a model of these linear shapes needs, and its SRAM bytes (KV cache at
+    ``context`` plus activation buffers); known before quantisation, so bad options fail early."""
+    hidden = summary["structure"]["hidden"] or max(s[1] for s in shapes)
+    sram = kv_cache_bytes(summary, context) + 4 * 4 * hidden * 64
+    return choose_base(fmt, shapes, sram, base_name), sram
+
+
+def check_gds_tiles(base: BaseDie, tiles: list[int] | None) -> None:
+    if tiles is not None and max(tiles) >= base.tiles:
+        raise TapeoutError(f"--gds-tiles: tile {max(tiles)} does not exist; base {base.name} has {base.tiles} tiles")
+
+
+def compile_maskrom(program: IntegerProgram, out, *, base_name: str | None = None,
                     context: int = 2048, gds_tiles: list[int] | None = None, verify: str = "auto",
                     step: Callable[[str], ContextManager[None]]) -> dict:
     """Write base/, layers/, layout/ and checks into ``out`` (an OutputFolder); returns the report."""
-    specs = specs_of(qm)
-    hidden = summary["structure"]["hidden"] or max(s.shape[1] for s in specs)
-    sram = kv_cache_bytes(summary, context) + 4 * 4 * hidden * 64   # + activation buffers
-    base: BaseDie = choose_base(qm.config.fmt, [s.shape for s in specs], sram, base_name)
+    fmt, summary = program.quant["format"], program.summary
+    specs = specs_of(program)
+    base, sram = plan_base(fmt, [s.shape for s in specs], summary, context, base_name)
+    check_gds_tiles(base, gds_tiles)
     with step(f"placing {len(specs)} linears on {base.name} and packing the via layers"):
         layers: ViaLayers = build_layers(base, specs)
     with step("extracting the layers back (LVS)"):
         compared = lvs(layers, specs)
     del specs                  # int64 copies of every code: free them before the golden runs
     fine = (1 << base.family.fine_bits) - 1    # a code's low bits are its V_FINE via, the rest V_CODE
-    codes = [qm.weights[n].codes for n in layers.names]
+    codes = [program.linears[n].codes for n in layers.names]
     cells = sum(c.size for c in codes)
     vc_vias = sum(int(np.count_nonzero(c & ~fine)) for c in codes)
     fine_vias = sum(int(np.count_nonzero(c & fine)) for c in codes) if base.family.fine_bits else 0
@@ -112,34 +130,28 @@ def compile_maskrom(qm: QuantizedModel, summary: dict, out, *, base_name: str | 
     outputs_equal, checked = True, 0
     if verify == "full":
         with step("whole-model fabric model vs golden on a sample window"):
-            graph = qm.graph
-            vocab = graph.tensors[graph.outputs[0]].shape[-1]
-            window = np.random.default_rng(0).integers(0, vocab, int(np.prod(graph.tensors[graph.inputs[0]].shape)))
-            feeds = window_feeds(graph, window)
-            fab = fabric_model(graph, layers, GoldenConfig()).run(feeds)
-            gold = qm.golden().run(feeds)
+            feeds = sample_window(program, 0)
+            fab = fabric_model(program, layers).run(feeds)
+            gold = Golden(program).run(feeds)
             outputs_equal = all(np.array_equal(fab[k], gold[k]) for k in gold)
             checked = int(sum(v.size for v in gold.values()))
     elif verify == "linears":
         with step(f"fabric model vs golden, linear by linear ({len(layers.names)} linears)"):
-            checked = check_linears(qm, layers)
+            checked = check_linears(program, layers)
     with step("golden stimulus for RTL simulation (sim/)"):
-        stimulus = write_stimulus(qm, layers, out)
+        stimulus = write_stimulus(program, layers, out)
     out.write_bytes("base/base.json", base.canonical())
     out.write_bytes("layers/V_CODE.bin", layers.v_code)
     out.write_bytes("layers/V_FINE.bin", layers.v_fine)
     out.write_json("layers/index.json", layers.index())
     used = layers.index()["tiles_used"]
     tiles = list(range(used)) if gds_tiles is None else gds_tiles
-    if max(tiles) >= base.tiles:
-        from tapeout.compiler.errors import TapeoutError
-        raise TapeoutError(f"--gds-tiles: tile {max(tiles)} does not exist; base {base.name} has {base.tiles} tiles")
     with step(f"GDS of {len(tiles)} tile(s) and PNG renderings"):
         vias_drawn = write_gds(layers, tiles, out.path("layout/tiles.gds"))
         out.write_bytes("layout/die.png", die_png(layers))
         out.write_bytes(f"layout/tile{tiles[0]}.png", tile_png(layers, tiles[0]))
     report = {
-        "target": "maskrom", "format": qm.config.fmt, "base": base.name, "base_sha256": base.sha256,
+        "target": "maskrom", "format": fmt, "base": base.name, "base_sha256": base.sha256,
         "layers_sha256": layers.sha256, "tiles_used": layers.index()["tiles_used"], "tiles": base.tiles,
         "cells": cells, "vias": {"V_CODE": vc_vias, "V_FINE": fine_vias},
         "lvs": {"values_compared": compared, "equal": True},
@@ -147,6 +159,5 @@ def compile_maskrom(qm: QuantizedModel, summary: dict, out, *, base_name: str | 
         "sim_stimulus_values": stimulus, "gds_tiles": tiles, "gds_vias_drawn": vias_drawn, "sram_bytes_needed": sram, "context": context,
     }
     if not outputs_equal:
-        from tapeout.compiler.errors import TapeoutError
         raise TapeoutError("internal check failed: the fabric model differs from golden (a compiler bug)")
     return report

@@ -17,7 +17,6 @@ import numpy as np
 
 from tapeout.compiler.errors import TapeoutError
 
-from .layers import record_sizes
 from .render import LAYERS
 
 CHUNK = 2048

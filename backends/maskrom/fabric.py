@@ -15,6 +15,7 @@ import numpy as np
 from tapeout.compiler.golden import fixed as fx
 from tapeout.compiler.golden.model import Golden, GoldenConfig, IntLinear
 from tapeout.compiler.ir import Graph
+from tapeout.compiler.program import IntegerProgram
 
 from .base import Family
 from .layers import ViaLayers, extract
@@ -49,7 +50,11 @@ def fabric_linear(fam: Family):
     return run
 
 
-def fabric_model(graph: Graph, layers: ViaLayers, config: GoldenConfig = GoldenConfig()) -> Golden:
-    """The whole model on the fabric: every linear's ROM content read back from the via layers."""
+def fabric_model(program: IntegerProgram | Graph, layers: ViaLayers, config: GoldenConfig = GoldenConfig()) -> Golden:
+    """The whole model on the fabric: every linear's ROM content read back from the via layers
+    (the program's other constants as they are)."""
     specs = {layers.names[i]: extract(layers, i) for i in range(len(layers.names))}
-    return Golden(graph, specs, config, linear_fn=fabric_linear(layers.base.family))
+    fab = fabric_linear(layers.base.family)
+    if isinstance(program, IntegerProgram):
+        return Golden(program.with_linears(specs), linear_fn=fab)
+    return Golden(program, specs, config, linear_fn=fab)

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from tapeout.compiler.errors import TapeoutError
-from tapeout.compiler.golden import fixed as fx
 
 from .base import BaseDie, Family
 
@@ -45,14 +44,6 @@ class LinearSpec:
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)
-
-
-def linear_spec(name: str, role: str, qt, bias: np.ndarray | None) -> LinearSpec:
-    mult, shift = fx.multiplier(np.asarray(qt.row_scale, np.float64))
-    out = qt.shape[0]
-    b = np.zeros(out, np.int64) if bias is None else fx.saturate32(fx.to_fixed(bias))
-    return LinearSpec(name, role, np.asarray(qt.codes, np.int64), int(qt.group_size),
-                      np.asarray(qt.group_scale, np.int64), mult, shift, b)
 
 
 def record_sizes(fam: Family) -> tuple[int, int]:

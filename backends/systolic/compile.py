@@ -8,7 +8,7 @@ import numpy as np
 
 from tapeout.compiler.errors import TapeoutError
 from tapeout.compiler.golden.model import Golden
-from tapeout.compiler.qmodel import sample_feeds as _sample_feeds
+from tapeout.compiler.program import IntegerProgram
 
 from .isa import OPS, encode, listing
 from .isasim import run_program
@@ -20,11 +20,11 @@ __all__ = ["compile_systolic", "layer_report", "throughput", "sample_feeds", "LI
 LISTING_LIMIT = 200_000          # instructions written to program.lst (the binary has them all)
 
 
-def sample_feeds(gm: Golden) -> dict:
-    return _sample_feeds(gm.graph)
+def sample_feeds(ip: IntegerProgram) -> dict:
+    return ip.interface.sample_feeds(ip.graph)
 
 
-def layer_report(gm: Golden, machine: Machine, low) -> list[dict]:
+def layer_report(ip: IntegerProgram, machine: Machine, low) -> list[dict]:
     """Per linear and attention: its share of the array's timeline, the roofline bound
     max(MACs / n^2, weight bytes / DRAM bandwidth), utilisation = bound / cycles, and its peak
     scratchpad and accumulator bytes (``lower.footprint``).
@@ -47,21 +47,21 @@ def layer_report(gm: Golden, machine: Machine, low) -> list[dict]:
     rows = []
     nn = machine.n * machine.n
     prev_end = 0                    # the array runs layers in program order
-    for li, op in enumerate(gm.order):
+    for li, op in enumerate(ip.ops):
         fp = low.footprints.get(li)
         if fp is None:
             continue
         cycles = int(array_end[li] - prev_end)
         prev_end = max(prev_end, int(array_end[li]))
         if op.kind == "linear":
-            geo = linear_geometry(gm, op.name, machine)
-            T = int(np.prod(gm.graph.tensors[op.inputs[0]].shape[:-1]))
+            geo = linear_geometry(ip, op.name, machine)
+            T = int(np.prod(ip.graph.tensors[op.inputs[0]].shape[:-1]))
             macs = T * geo["out"] * geo["in"]
             memory = -(-int(geo["out"] * geo["in"] * geo["w_bits"] / 8) // machine.dram_bytes_per_cycle)
             row = {"layer": op.name, "kind": "linear", "shape": [geo["out"], geo["in"]], "tokens": T, "macs": macs,
                    "k_tile": geo["kt"]}
         else:
-            a = attention_geometry(gm, op, machine)
+            a = attention_geometry(ip, op, machine)
             macs = 2 * a["batch"] * a["heads"] * a["queries"] * a["keys"] * a["d"]       # Q.K^T and P.V
             memory = 0                                     # q, k, v and the KV cache are on chip
             row = {"layer": op.name, "kind": "attention", "shape": [a["heads"], a["kv_heads"], a["queries"],
@@ -76,23 +76,20 @@ def layer_report(gm: Golden, machine: Machine, low) -> list[dict]:
     return rows
 
 
-def throughput(gm: Golden, machine: Machine, makespan: int) -> dict:
+def throughput(ip: IntegerProgram, machine: Machine, makespan: int) -> dict:
     """Cycles and tokens/s of one run of the graph: a decode graph (a KV cache among its inputs)
     produces one token per batch row, so its makespan is the cycles per decoded token; a
     prefill graph's makespan covers all its tokens. Beside it the weight-DMA roofline (every
     weight strip crosses the DRAM port once per run; the KV cache stays on chip)."""
-    g = gm.graph
-    floats = [t for t in g.inputs if np.dtype(g.tensors[t].dtype).kind == "f"]
-    ids = [t for t in g.inputs if np.dtype(g.tensors[t].dtype).kind in "iu" and "mask" not in t
-           and "position" not in t]
-    shape = g.tensors[ids[0]].shape if ids else (1,)
+    g, itf = ip.graph, ip.interface
+    shape = g.tensors[itf.tokens].shape if itf.tokens else (1,)
     batch, seq = (int(shape[0]), int(shape[-1])) if len(shape) > 1 else (1, int(shape[-1]))
-    decode = bool(floats)
+    decode = itf.mode == "decode"
     tokens = batch if decode else batch * seq
     weight_bytes = 0
-    for op in gm.order:
+    for op in ip.ops:
         if op.kind == "linear":
-            geo = linear_geometry(gm, op.name, machine)
+            geo = linear_geometry(ip, op.name, machine)
             weight_bytes += strip_bytes(geo, geo["out"])
     memory = -(-weight_bytes // machine.dram_bytes_per_cycle)
     # a decode step advances every batch row by one token: its cycles per token are the makespan
@@ -103,18 +100,18 @@ def throughput(gm: Golden, machine: Machine, makespan: int) -> dict:
                              "tokens_per_s": round(machine.clock_hz * tokens / memory, 1) if memory else None,
                              "makespan_over_roofline": round(makespan / memory, 3) if memory else None}}
     if decode:
-        r["past_len"] = int(max(g.tensors[t].shape[-2] for t in floats))
+        r["past_len"] = int(itf.past)
     else:
         r["cycles_per_prefill"] = int(makespan)
     return r
 
 
-def compile_systolic(gm: Golden, out, machine: Machine, *, verify: bool = True, step=None) -> dict:
+def compile_systolic(ip: IntegerProgram, out, machine: Machine, *, verify: bool = True, step=None) -> dict:
     """Lower, schedule and write the artifacts into ``out`` (an OutputFolder); returns the report."""
     def stage(msg):
         return step(msg) if step else nullcontext()
     with stage("lowering to microcode and scheduling"):
-        low = lower(gm, machine)
+        low = lower(ip, machine)
     sched = low.schedule
     with stage("checking the schedule (dependencies, one task per unit and cycle)"):
         sched.verify()
@@ -124,7 +121,7 @@ def compile_systolic(gm: Golden, out, machine: Machine, *, verify: bool = True, 
         out.write_text("program.lst", listing(prog, low.names, machine.as_dict(),
                                               limit=LISTING_LIMIT if len(prog) > LISTING_LIMIT else None))
         out.write_json("trace.json", sched.to_chrome_trace())
-    layers = layer_report(gm, machine, low)
+    layers = layer_report(ip, machine, low)
     counts = {OPS[o]: int(c) for o, c in enumerate(np.bincount(prog["op"], minlength=len(OPS))) if c}
     report = {"target": "systolic", "machine": machine.as_dict(), "instructions": int(len(prog)),
               "program_bytes": 16 * int(len(prog)), "per_opcode": counts,
@@ -132,7 +129,7 @@ def compile_systolic(gm: Golden, out, machine: Machine, *, verify: bool = True, 
                            "resource_bound": int(sched.resource_bound), "lower_bound": int(sched.lower_bound),
                            "ratio": round(float(sched.ratio), 4), "per_resource": sched.per_resource()},
               "layers": layers, "names": low.names}
-    report.update(throughput(gm, machine, int(sched.makespan)))
+    report.update(throughput(ip, machine, int(sched.makespan)))
     # the array's own floor: every weight block enters it at n codes per cycle (PRELOAD), every
     # token row streams once per block (MATMUL); at one token per step the preloads dominate
     is_mm = prog["op"] == OPS.index("MATMUL")
@@ -145,10 +142,10 @@ def compile_systolic(gm: Golden, out, machine: Machine, *, verify: bool = True, 
     out.write_json("schedule.json", {k: report[k] for k in ("machine", "schedule", "instructions")})
     if verify:
         with stage("ISA simulator vs golden on a sample window (whole model)"):
-            feeds = sample_feeds(gm)
+            feeds = sample_feeds(ip)
             st: dict = {}
-            got = run_program(gm, machine, prog, feeds, st)
-            gold = gm.run(feeds)
+            got = run_program(ip, machine, prog, feeds, st)
+            gold = Golden(ip).run(feeds)
             checked = int(sum(v.size for v in gold.values()))
             mismatches = int(sum(np.count_nonzero(got[k] != gold[k]) for k in gold))
             if mismatches:

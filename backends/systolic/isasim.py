@@ -22,21 +22,22 @@ import math
 import numpy as np
 
 from tapeout.compiler.golden import fixed as fx
-from tapeout.compiler.golden.model import KERNELS, MASKED, Golden, softmax_q15
+from tapeout.compiler.golden.model import KERNELS, MASKED, softmax_q15
+from tapeout.compiler.program import IntegerProgram
 from tapeout.compiler.interp import run_op
 
-from .isa import BUF_SCORES, BUF_VALUES, DIGIT_SHIFT, FLAG_FIRST, OPS, IsaError
+from .isa import BUF_SCORES, DIGIT_SHIFT, FLAG_FIRST, OPS, IsaError
 from .lower import DIGIT_BITS, CycleModel
 from .machine import Machine
 
 __all__ = ["run_program"]
 
 
-def run_program(gm: Golden, machine: Machine, prog: np.ndarray, feeds: dict, stats: dict | None = None) -> dict:
+def run_program(ip: IntegerProgram, machine: Machine, prog: np.ndarray, feeds: dict, stats: dict | None = None) -> dict:
     """Execute ``prog`` on ``feeds`` (golden's integer feeds); returns the graph outputs."""
     stats = {} if stats is None else stats
-    cost = CycleModel(gm, machine)
-    g, n, lat = gm.graph, machine.n, machine.latency
+    cost = CycleModel(ip, machine)
+    g, n, lat = ip.graph, machine.n, machine.latency
     env: dict[str, np.ndarray] = {k: np.asarray(v).astype(np.int64) if np.asarray(v).dtype.kind in "iu"
                                   else np.asarray(v) for k, v in feeds.items()}
     ready: dict[str, int] = {k: 0 for k in env}
@@ -61,7 +62,7 @@ def run_program(gm: Golden, machine: Machine, prog: np.ndarray, feeds: dict, sta
             need(f"tensor {t!r}", ready[t], cycle, j, opname)
             return env[t]
         if t in g.constants:
-            return gm.const(t)
+            return ip.const(t)
         raise IsaError(f"instruction {j} ({opname}) reads tensor {t!r} before any instruction wrote it")
 
     def open_tile(key, j: int):
@@ -77,26 +78,26 @@ def run_program(gm: Golden, machine: Machine, prog: np.ndarray, feeds: dict, sta
         end = cycle + cost(opname, layer, i, int(r["t"]), buf)
         end_max = max(end_max, end)
         counts[r["op"]] += 1
-        op = gm.order[layer] if layer < len(gm.order) else None
+        op = ip.ops[layer] if layer < len(ip.ops) else None
         if opname == "QUANT_X":
             geo = cost.geometry(layer)
             x = tensor(op.inputs[0], cycle, j, opname)
             X = x.reshape(-1, geo["in"])
-            elems, su, emin = fx.mx_units(X, geo["unit"], gm.config.act_bits, gm.config.block)
+            elems, su, emin = fx.mx_units(X, geo["unit"], ip.config.act_bits, ip.config.block)
             xq[layer] = (elems, su, emin, end, x.shape[:-1])
             outs[layer] = {"y": np.zeros((X.shape[0], geo["out"]), np.int64), "tiles": 0, "ready": 0}
         elif opname == "LOAD_W":
             old = strips.get(buf)
             if old is not None:
                 need(f"the end of the last read of strip buffer {buf}", old["last_read"], cycle, j, opname)
-            L = gm.linears[op.name]
+            L = ip.linears[op.name]
             rows = slice(i * n, min((i + 1) * n, L.codes.shape[0]))
             strips[buf] = {"id": (layer, i), "codes": np.asarray(L.codes[rows], np.int64),
                            "gs": L.group_scale[rows], "mult": L.mult[rows], "shift": L.shift[rows],
                            "bias": None if L.bias is None else L.bias[rows], "ready": end, "last_read": 0}
         elif opname == "QUANT_A":
             ins = [tensor(t, cycle, j, opname) for t in op.inputs]
-            att[layer] = _Attention(gm, op, cost.attention(layer), *ins, ready=end)
+            att[layer] = _Attention(ip, op, cost.attention(layer), *ins, ready=end)
         elif op is not None and op.kind == "attention" and opname in ("PRELOAD", "MATMUL", "REQUANT", "SOFTMAX"):
             st = att.get(layer)
             if st is None:
@@ -199,7 +200,7 @@ def run_program(gm: Golden, machine: Machine, prog: np.ndarray, feeds: dict, sta
                 del xq[layer]
         elif opname == "VEC":
             args = [tensor(t, cycle, j, opname) for t in op.inputs]
-            out = KERNELS[op.kind](gm, op, *args) if op.kind in KERNELS else run_op(op, args)
+            out = KERNELS[op.kind](ip, op, *args) if op.kind in KERNELS else run_op(op, args)
             out = out if isinstance(out, tuple) else (out,)
             for name, value in zip(op.outputs, out):
                 if name:
@@ -221,8 +222,8 @@ class _Attention:
     """One attention layer in flight: golden's MXINT q, k, v (``QUANT_A``), the scores' tiles
     scaled to Q16, the probabilities per KV head group and the output being assembled."""
 
-    def __init__(self, gm: Golden, op, a: dict, q, k, v, mask=None, *, ready: int):
-        bits, blk = gm.config.act_bits, gm.config.block
+    def __init__(self, ip: IntegerProgram, op, a: dict, q, k, v, mask=None, *, ready: int):
+        bits, blk = ip.config.act_bits, ip.config.block
         self.op, self.a, self.ready, self.mask = op, a, ready, mask
         self.qe, self.qs = fx.mx_quantize(q, bits, blk)
         self.ke, self.ks = fx.mx_quantize(k, bits, blk)

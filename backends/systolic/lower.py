@@ -28,7 +28,8 @@ import numpy as np
 
 from tapeout.compiler.errors import TapeoutError
 from tapeout.compiler.golden import fixed as fx
-from tapeout.compiler.golden.model import PLUMBING, Golden
+from tapeout.compiler.golden.model import PLUMBING
+from tapeout.compiler.program import IntegerProgram
 from tapeout.compiler.schedule import Problem, Resource, list_schedule
 
 from .isa import BUF_SCORES, BUF_VALUES, DIGIT_SHIFT, FLAG_FIRST, FLAG_LAST, INSTR, OP
@@ -56,22 +57,22 @@ class Lowered:
     footprints: dict             # layer index -> {"spad": bytes, "acc": bytes} (linears and attentions)
 
 
-def linear_geometry(gm: Golden, name: str, machine: Machine) -> dict:
+def linear_geometry(ip: IntegerProgram, name: str, machine: Machine) -> dict:
     """Tiling of one linear: unit (MXINT/group unit), kt (K tile width), tile counts."""
-    L = gm.linears[name]
+    L = ip.linears[name]
     o_dim, i_dim = L.codes.shape
-    unit = math.gcd(fx.mx_block(i_dim, gm.config.block), L.group_size)
+    unit = math.gcd(fx.mx_block(i_dim, ip.config.block), L.group_size)
     kt = math.gcd(machine.n, unit)                   # a K tile never straddles a unit
     return {"out": o_dim, "in": i_dim, "unit": unit, "kt": kt, "n_i": -(-o_dim // machine.n),
             "n_k": i_dim // kt, "group": L.group_size,
             "w_bits": max(2, int(np.abs(L.codes).max(initial=1)).bit_length() + 1)}
 
 
-def attention_geometry(gm: Golden, op, machine: Machine) -> dict | None:
+def attention_geometry(ip: IntegerProgram, op, machine: Machine) -> dict | None:
     """Tiling of one attention on the array, or None when its shapes fall outside it (then it
     runs as one VEC). Rows: the ``rep * S`` query rows of one KV head group; ``width``: the
     d-tile (scores' K tile and P.V's output tile), never straddling an MXINT block."""
-    g = gm.graph
+    g = ip.graph
     if len(op.inputs) < 3 or not all(op.inputs[:3]):
         return None
     q, k, v = (tuple(g.tensors[t].shape) for t in op.inputs[:3])
@@ -81,7 +82,7 @@ def attention_geometry(gm: Golden, op, machine: Machine) -> dict | None:
     Hkv, T = k[1], k[2]
     if k[0] != B or v[:3] != k[:3] or k[3] != d or v[3] != d or H % Hkv:
         return None
-    blk = fx.mx_block(d, gm.config.block)
+    blk = fx.mx_block(d, ip.config.block)
     w = math.gcd(machine.n, blk)
     rep = H // Hkv
     return {"n": machine.n, "batch": B, "heads": H, "kv_heads": Hkv, "rep": rep, "queries": S, "keys": T, "d": d,
@@ -89,17 +90,17 @@ def attention_geometry(gm: Golden, op, machine: Machine) -> dict | None:
             "n_dt": d // w}
 
 
-def footprint(gm: Golden, op, machine: Machine) -> dict | None:
+def footprint(ip: IntegerProgram, op, machine: Machine) -> dict | None:
     """Peak scratchpad and accumulator bytes of one linear or attention (docs/isa.md, "Capacity").
 
     linear: two weight strips (double buffering) + its MXINT input + two Q16 output tiles (the
     outputs leave tile by tile) in the scratchpad; two int48 output tiles in the accumulator.
     attention: MXINT q, k, v + one group's Q16 scores and Q15 probabilities; two accumulator
     tiles (int48 scores, 8-byte P.V words)."""
-    n, act = machine.n, gm.config.act_bits
+    n, act = machine.n, ip.config.act_bits
     if op.kind == "linear":
-        geo = linear_geometry(gm, op.name, machine)
-        T = _rows(gm, op.inputs[0])
+        geo = linear_geometry(ip, op.name, machine)
+        T = _rows(ip, op.inputs[0])
         strip = strip_bytes(geo, min(n, geo["out"]))
         x = -(-T * geo["in"] * act // 8) + T * (geo["in"] // geo["unit"])
         out = 2 * T * min(n, geo["out"]) * 4
@@ -107,7 +108,7 @@ def footprint(gm: Golden, op, machine: Machine) -> dict | None:
         return {"spad": 2 * strip + x + out, "acc": acc, "strip": strip, "tile": acc // 2,
                 "what": f"{T} tokens x {min(n, geo['out'])} columns x {ACC_WORD} B"}
     if op.kind == "attention":
-        a = attention_geometry(gm, op, machine)
+        a = attention_geometry(ip, op, machine)
         if a is None:
             return None
         B, H, S, d, T = a["batch"], a["heads"], a["queries"], a["d"], a["keys"]
@@ -137,20 +138,20 @@ def check_capacity(name: str, fp: dict, machine: Machine) -> None:
                            "(raise --machine spad_kib or shorten the sequence)")
 
 
-def _rows(gm: Golden, t: str) -> int:
-    shape = gm.graph.tensors[t].shape
+def _rows(ip: IntegerProgram, t: str) -> int:
+    shape = ip.graph.tensors[t].shape
     return int(np.prod(shape[:-1])) if len(shape) > 1 else 1
 
 
-def _elems(gm: Golden, t: str) -> int:
-    return int(np.prod(gm.graph.tensors[t].shape)) if t else 0
+def _elems(ip: IntegerProgram, t: str) -> int:
+    return int(np.prod(ip.graph.tensors[t].shape)) if t else 0
 
 
-def vec_work(gm: Golden, op) -> int:
+def vec_work(ip: IntegerProgram, op) -> int:
     """Lane-cycles of one VEC op (before dividing by the lanes)."""
-    out = sum(_elems(gm, t) for t in op.outputs if t)
+    out = sum(_elems(ip, t) for t in op.outputs if t)
     if op.kind == "attention":          # shapes the array tiling does not cover: all on the vector unit
-        q, k = gm.graph.tensors[op.inputs[0]].shape, gm.graph.tensors[op.inputs[1]].shape
+        q, k = ip.graph.tensors[op.inputs[0]].shape, ip.graph.tensors[op.inputs[1]].shape
         b, h, s, d = q
         return 2 * b * h * s * k[2] * d + 6 * b * h * s * k[2]        # two matmuls + softmax
     return out * VEC_COST.get(op.kind, 1)
@@ -160,19 +161,19 @@ class CycleModel:
     """Cycles of each instruction (docs/isa.md, "Cycle model"); shared by the compiler and the
     ISA simulator."""
 
-    def __init__(self, gm: Golden, machine: Machine):
-        self.gm, self.m = gm, machine
+    def __init__(self, ip: IntegerProgram, machine: Machine):
+        self.ip, self.m = ip, machine
         self.geo: dict[int, dict] = {}
         self.att: dict[int, dict] = {}
 
     def geometry(self, layer: int) -> dict:
         if layer not in self.geo:
-            self.geo[layer] = linear_geometry(self.gm, self.gm.order[layer].name, self.m)
+            self.geo[layer] = linear_geometry(self.ip, self.ip.ops[layer].name, self.m)
         return self.geo[layer]
 
     def attention(self, layer: int) -> dict:
         if layer not in self.att:
-            self.att[layer] = attention_geometry(self.gm, self.gm.order[layer], self.m)
+            self.att[layer] = attention_geometry(self.ip, self.ip.ops[layer], self.m)
         return self.att[layer]
 
     def dma(self, nbytes) -> int:
@@ -184,7 +185,7 @@ class CycleModel:
             return m.n
         if opname == "MATMUL":
             return t
-        if opname in ("QUANT_A", "SOFTMAX") or (opname == "REQUANT" and self.gm.order[layer].kind == "attention"):
+        if opname in ("QUANT_A", "SOFTMAX") or (opname == "REQUANT" and self.ip.ops[layer].kind == "attention"):
             a = self.attention(layer)
             if opname == "QUANT_A":       # q, k, v to MXINT, the scores' minimum exponents
                 q_el, kv_el = a["batch"] * a["heads"] * a["queries"] * a["d"], a["groups"] * a["keys"] * a["d"]
@@ -202,28 +203,28 @@ class CycleModel:
             if opname == "REQUANT":
                 return -(-t * rows_i // lanes)
             return self.dma(strip_bytes(geo, rows_i))
-        op = self.gm.order[layer]
+        op = self.ip.ops[layer]
         if opname == "VEC":
-            work = vec_work(self.gm, op) if op.kind not in FREE_OPS else 0
+            work = vec_work(self.ip, op) if op.kind not in FREE_OPS else 0
             return -(-work // lanes) + (1 if work else 0)
         if opname == "STORE":
-            return sum(self.dma(4 * _elems(self.gm, o)) for o in self.gm.graph.outputs)
+            return sum(self.dma(4 * _elems(self.ip, o)) for o in self.ip.graph.outputs)
         raise ValueError(f"no cycle model for {opname}")
 
 
-def lower(gm: Golden, machine: Machine, progress=None) -> Lowered:
-    """Microcode and static schedule of ``gm``'s whole graph; raises TapeoutError when a layer's
+def lower(ip: IntegerProgram, machine: Machine, progress=None) -> Lowered:
+    """Microcode and static schedule of ``ip``'s whole graph; raises TapeoutError when a layer's
     tiles do not fit the scratchpad or the accumulator (``footprint``)."""
     n = machine.n
-    g = gm.graph
-    names = [op.name for op in gm.order]
+    g = ip.graph
+    names = [op.name for op in ip.ops]
     p = Problem(resources=[Resource("dma_in"), Resource("array"), Resource("vector"), Resource("dma_out"),
                            Resource("pipe", machine.latency + 1)])
     rows: list[tuple] = []            # (op, buf, flags, layer, i, k, t0, t)
     durs: list[int] = []
     producers: dict[str, list[int]] = {}      # tensor -> tasks that write it
     task_of: list[int] = []           # instruction index -> task id (pseudo tasks have no instruction)
-    cost = CycleModel(gm, machine)
+    cost = CycleModel(ip, machine)
     footprints: dict[int, dict] = {}
 
     def emit(opname, resource, deps, layer, i=0, k=0, buf=0, flags=0, t=0):
@@ -255,8 +256,8 @@ def lower(gm: Golden, machine: Machine, progress=None) -> Lowered:
         return p.add("drain", "pipe", machine.latency, [last_mm[-1]])     # fill/drain: a pseudo task
 
     def lower_linear(layer, op, deps):
-        geo = linear_geometry(gm, op.name, machine)
-        T = _rows(gm, op.inputs[0])
+        geo = linear_geometry(ip, op.name, machine)
+        T = _rows(ip, op.inputs[0])
         qx = emit("QUANT_X", "vector", deps, layer, t=T)
         req = []
         for i in range(geo["n_i"]):
@@ -309,10 +310,10 @@ def lower(gm: Golden, machine: Machine, progress=None) -> Lowered:
             prev = (grp, sm)
         return out + values(*prev)
 
-    for layer, op in enumerate(gm.order):
+    for layer, op in enumerate(ip.ops):
         ins = [t for t in op.inputs if t and t in producers]
         deps = sorted({d for t in ins for d in producers[t]})
-        fp = footprint(gm, op, machine)
+        fp = footprint(ip, op, machine)
         if fp is not None:
             check_capacity(op.name, fp, machine)
             footprints[layer] = fp
@@ -321,7 +322,7 @@ def lower(gm: Golden, machine: Machine, progress=None) -> Lowered:
         elif op.kind == "attention" and fp is not None:
             out_tasks = lower_attention(layer, op, deps, cost.attention(layer))
         else:
-            T = _rows(gm, op.outputs[0]) if op.outputs and op.outputs[0] else 1
+            T = _rows(ip, op.outputs[0]) if op.outputs and op.outputs[0] else 1
             out_tasks = [emit("VEC", "vector", deps, layer, t=min(T, 4095))]
         for t in op.outputs:
             if t:

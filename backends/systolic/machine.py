@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from tapeout.compiler.errors import TapeoutError
+from tapeout.backends.target import parse_machine
 
 __all__ = ["Machine"]
 
@@ -59,14 +60,4 @@ class Machine:
     @classmethod
     def from_options(cls, items: list[str] | None) -> "Machine":
         """``["n=32", "dram_bytes_per_cycle=128", ...]`` (the CLI's ``--machine K=V``)."""
-        kw: dict = {}
-        fields = {f.name: f.type for f in dataclasses.fields(cls)}
-        for item in items or []:
-            key, sep, val = item.partition("=")
-            if not sep or key not in fields:
-                raise TapeoutError(f"--machine expects KEY=VALUE with KEY one of {', '.join(fields)}, not {item!r}")
-            try:
-                kw[key] = val if key == "dataflow" else float(val) if key == "clock_hz" else int(val)
-            except ValueError:
-                raise TapeoutError(f"--machine {key}: {val!r} is not a number") from None
-        return cls(**kw)
+        return parse_machine(cls, items, strings=("dataflow",))

@@ -10,6 +10,7 @@ import numpy as np
 
 from tapeout.compiler.golden import fixed as fx
 from tapeout.compiler.golden.model import Golden
+from tapeout.compiler.program import IntegerProgram
 
 from .lower import CycleModel, attention_geometry, linear_geometry
 from .machine import Machine
@@ -17,38 +18,38 @@ from .machine import Machine
 __all__ = ["replay_tiles"]
 
 
-def _linear_blocks(gm: Golden, op, machine: Machine, feeds: dict, tiles: int):
+def _linear_blocks(ip: IntegerProgram, op, machine: Machine, feeds: dict, tiles: int):
     """(stationary [out, kt], streamed [T, kt]) of output tile 0, K tiles 0..tiles-1."""
     inputs: dict = {}
-    gm.run(feeds, outputs=[op.inputs[0]], keep=lambda t, v: inputs.__setitem__(t, v) if t == op.inputs[0] else None)
+    Golden(ip).run(feeds, outputs=[op.inputs[0]], keep=lambda t, v: inputs.__setitem__(t, v) if t == op.inputs[0] else None)
     x = inputs.get(op.inputs[0], feeds.get(op.inputs[0]))
-    geo = linear_geometry(gm, op.name, machine)
+    geo = linear_geometry(ip, op.name, machine)
     X = np.asarray(x, np.int64).reshape(-1, geo["in"])
-    elems, _, _ = fx.mx_units(X, geo["unit"], gm.config.act_bits, gm.config.block)
-    rows = np.asarray(gm.linears[op.name].codes, np.int64)[:machine.n]
+    elems, _, _ = fx.mx_units(X, geo["unit"], ip.config.act_bits, ip.config.block)
+    rows = np.asarray(ip.linears[op.name].codes, np.int64)[:machine.n]
     kt = geo["kt"]
     return [(rows[:, k * kt:(k + 1) * kt], elems[:, k * kt:(k + 1) * kt]) for k in range(min(tiles, geo["n_k"]))]
 
 
-def _score_blocks(gm: Golden, op, machine: Machine, feeds: dict, tiles: int):
+def _score_blocks(ip: IntegerProgram, op, machine: Machine, feeds: dict, tiles: int):
     """Q.K^T of KV head group 0, key tile 0, d-tiles 0..tiles-1: (K block [keys, w], the
     group's query elements [rows, w]) exactly as the attention's PRELOAD/MATMULs carry them."""
-    a = attention_geometry(gm, op, machine)
+    a = attention_geometry(ip, op, machine)
     if a is None:
         raise ValueError(f"attention {op.name} runs as one VEC (its shapes are outside the array tiling)")
     vals: dict = {}
     want = set(op.inputs[:2])
-    gm.run(feeds, outputs=list(want), keep=lambda t, v: vals.__setitem__(t, v) if t in want else None)
+    Golden(ip).run(feeds, outputs=list(want), keep=lambda t, v: vals.__setitem__(t, v) if t in want else None)
     q, k = (np.asarray(vals.get(t, feeds.get(t)), np.int64) for t in op.inputs[:2])
-    qe, _ = fx.mx_quantize(q, gm.config.act_bits, gm.config.block)
-    ke, _ = fx.mx_quantize(k, gm.config.act_bits, gm.config.block)
+    qe, _ = fx.mx_quantize(q, ip.config.act_bits, ip.config.block)
+    ke, _ = fx.mx_quantize(k, ip.config.act_bits, ip.config.block)
     w, n = a["width"], machine.n
     rows = qe[0, :a["rep"]].reshape(a["rows"], a["d"])
     keys = ke[0, 0, :n]
     return [(keys[:, u * w:(u + 1) * w], rows[:, u * w:(u + 1) * w]) for u in range(min(tiles, a["n_dt"]))]
 
 
-def replay_tiles(gm: Golden, machine: Machine, feeds: dict, *, layer_name: str | None = None, tiles: int = 3,
+def replay_tiles(ip: IntegerProgram, machine: Machine, feeds: dict, *, layer_name: str | None = None, tiles: int = 3,
                  engine: str = "amaranth") -> dict:
     """Replay the first ``tiles`` PRELOAD/MATMUL pairs of a linear (output tile 0, K tiles
     0..tiles-1; default layer: the first linear) or of an attention's Q.K^T (group 0, key tile
@@ -56,10 +57,10 @@ def replay_tiles(gm: Golden, machine: Machine, feeds: dict, *, layer_name: str |
     from tapeout.hdl.sim import run_rows
     from tapeout.hdl.systolic import SystolicArray, tile_job
     n = machine.n
-    name = layer_name or next(op.name for op in gm.order if op.kind == "linear")
-    op = gm.graph.op(name)
-    layer = next(j for j, o in enumerate(gm.order) if o.name == name)
-    blocks = (_score_blocks if op.kind == "attention" else _linear_blocks)(gm, op, machine, feeds, tiles)
+    name = layer_name or next(op.name for op in ip.ops if op.kind == "linear")
+    op = ip.graph.op(name)
+    layer = next(j for j, o in enumerate(ip.ops) if o.name == name)
+    blocks = (_score_blocks if op.kind == "attention" else _linear_blocks)(ip, op, machine, feeds, tiles)
     jobs, expect = [], []
     for w, x in blocks:                                 # w [outputs, kt], x [T, kt]
         W = np.zeros((n, n), np.int64)                  # W[kk][j] = stationary value of output j, input kk
@@ -75,7 +76,7 @@ def replay_tiles(gm: Golden, machine: Machine, feeds: dict, *, layer_name: str |
     wall = time.perf_counter() - t0
     expect = np.concatenate(expect)
     T = blocks[0][1].shape[0]
-    cost = CycleModel(gm, machine)                       # the ISA simulator's cycle model
+    cost = CycleModel(ip, machine)                       # the ISA simulator's cycle model
     isa_cycles = len(blocks) * (cost("PRELOAD", layer) + cost("MATMUL", layer, t=T)) + machine.latency
     run_s = stats.get("run_s", wall)
     return {"layer": name, "kind": op.kind, "tiles": len(blocks), "tokens": T, "checked": int(got.size),

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import TapeoutError
 from ..interp import run_op
-from ..ir import Graph, Op
+from ..ir import Op
 from . import fixed as fx
 
 PLUMBING = {"Reshape", "Transpose", "Concat", "Split", "Slice", "Squeeze", "Unsqueeze", "Expand",
@@ -64,60 +64,38 @@ class IntLinear:
 
 
 class Golden:
-    """Integer-only inference of ``graph`` (fused and bound) with quantised ``weights``.
+    """Integer-only inference of an :class:`~tapeout.compiler.program.IntegerProgram`.
 
-    ``weights`` maps every ``linear`` op name to a QuantTensor-like object (``codes``,
-    ``group_size``, ``group_scale``, ``row_scale``) with rows = output channels.
+    ``Golden(program)`` runs a program built once per compile; ``Golden(graph, weights,
+    config)`` builds one first (``weights`` maps every ``linear`` op name to a QuantTensor-like
+    object: ``codes``, ``group_size``, ``group_scale``, ``row_scale``, rows = output channels).
+    ``linear_fn`` replaces the linear kernel (a backend's model of a linear, same signature as
+    :func:`linear_int`).
     """
 
-    def __init__(self, graph: Graph, weights: Mapping[str, object], config: GoldenConfig = GoldenConfig(),
+    def __init__(self, program, weights: Mapping[str, object] | None = None, config: GoldenConfig = GoldenConfig(),
                  *, linear_fn: Callable | None = None):
-        self.graph, self.config = graph, config
-        self.linear_fn = linear_fn    # a backend's model of a linear (same signature as linear_int)
-        self.linears: dict[str, IntLinear] = {}
-        self.consts: dict[str, np.ndarray] = {}
-        missing = [op.name for op in graph.ops if op.kind == "linear" and op.name not in weights]
-        if missing:
-            raise TapeoutError(f"golden: linear ops without quantised weights: {missing[:5]}")
-        for op in graph.ops:
-            if op.kind == "linear":
-                self.linears[op.name] = self._int_linear(op, weights[op.name])
-            unknown = op.kind not in KERNELS and op.kind not in PLUMBING
-            if unknown:
-                raise TapeoutError(f"golden has no integer kernel for op {op.kind}", node=op.name, op=op.kind)
-        self.order = list(graph.ops)
-
-    # --- compile time: float side data -> integer constants --------------------------------------
-    def _int_linear(self, op: Op, qt) -> IntLinear:
-        if hasattr(qt, "mult"):      # already integer (read back from a chip's ROM)
-            mult, shift, bias = qt.mult, qt.shift, qt.bias
-        else:
-            mult, shift = fx.multiplier(np.asarray(qt.row_scale, np.float64))
-            bias = None
-            if len(op.inputs) > 2 and op.inputs[2]:
-                bias = fx.saturate32(fx.to_fixed(self.graph.constants[op.inputs[2]]))
-        return IntLinear.build(np.asarray(qt.codes, np.int64), int(qt.group_size),
-                               np.asarray(qt.group_scale, np.int64), mult, shift, bias)
+        from ..program import IntegerProgram
+        if isinstance(program, Golden):
+            program = program.program
+        if not isinstance(program, IntegerProgram):
+            program = IntegerProgram.build(program, weights or {}, config)
+        self.program = program
+        self.graph, self.config, self.linears = program.graph, program.config, program.linears
+        self.ops = self.order = program.ops
+        self.interface = program.interface
+        self.linear_fn = linear_fn
 
     def const(self, name: str) -> np.ndarray:
-        """A graph constant in golden's representation (float -> Q16, saturating; ints as they are)."""
-        v = self.consts.get(name)
-        if v is None:
-            c = self.graph.constants[name]
-            if c.dtype.kind == "f":
-                c64 = np.asarray(c, np.float64)
-                v = np.where(np.isneginf(c64) | (c64 <= -1e30), MASKED,
-                             fx.saturate32(fx.to_fixed(np.clip(c64, -2.0**15, 2.0**15))))
-            else:
-                v = np.asarray(c)
-            self.consts[name] = v
-        return v
+        """A constant in golden's representation (float -> Q16, saturating; ints as they are)."""
+        return self.program.const(name)
 
     # --- run ------------------------------------------------------------------------------------
     def run(self, feeds: Mapping[str, np.ndarray], *, outputs: list[str] | None = None,
             keep: Callable[[str, np.ndarray], None] | None = None) -> dict[str, np.ndarray]:
         """Run on integer feeds (token ids; Q16 ints for float inputs such as a KV cache)."""
         g = self.graph
+        consts = g.constants
         wanted = list(g.outputs if outputs is None else outputs)
         env: dict[str, np.ndarray] = {}
         for name in g.inputs:
@@ -131,7 +109,8 @@ class Golden:
             for t in op.inputs:
                 last_use[t] = i
         for i, op in enumerate(self.order):
-            args = [None if not t else env[t] if t in env else self.const(t) for t in op.inputs]
+            args = [None if not t else env[t] if t in env else self.const(t) if t in consts else None
+                    for t in op.inputs]
             if op.kind in KERNELS:
                 out = KERNELS[op.kind](self, op, *args)
             else:
@@ -152,17 +131,6 @@ class Golden:
 
 
 # --- integer kernels ----------------------------------------------------------------------------
-KERNELS: dict[str, Callable] = {}
-
-
-def kernel(*kinds: str):
-    def reg(fn):
-        for k in kinds:
-            KERNELS[k] = fn
-        return fn
-    return reg
-
-
 def linear_int(gm: Golden, L: IntLinear, x: np.ndarray, what: str) -> np.ndarray:
     """Q16 x [..., in] -> Q16 y [..., out] through MXINT inputs and integer weights."""
     o_dim, i_dim = L.codes.shape
@@ -182,28 +150,23 @@ def linear_int(gm: Golden, L: IntLinear, x: np.ndarray, what: str) -> np.ndarray
     return fx.saturate32(y).reshape(*lead, o_dim)
 
 
-@kernel("linear")
 def k_linear(gm: Golden, op: Op, x, w, b=None):
     fn = gm.linear_fn or linear_int
     return fn(gm, gm.linears[op.name], x, op.name)
 
 
-@kernel("Add")
 def k_add(gm, op, a, b):
     return fx.saturate32(a + b) if gm.is_float(op.outputs[0]) else a + b
 
 
-@kernel("Sub")
 def k_sub(gm, op, a, b):
     return fx.saturate32(a - b) if gm.is_float(op.outputs[0]) else a - b
 
 
-@kernel("Mul")
 def k_mul(gm, op, a, b):
     return fx.saturate32(fx.mul_q(a, b, fx.Q)) if gm.is_float(op.outputs[0]) else a * b
 
 
-@kernel("Neg")
 def k_neg(gm, op, a):
     return -a
 
@@ -222,7 +185,6 @@ def _inv_rms(xs: np.ndarray, k: np.ndarray, eps: float, extra: int = 8) -> np.nd
     return fx.isqrt((ms + eps_q) << (2 * extra))
 
 
-@kernel("rmsnorm")
 def k_rmsnorm(gm, op, x, g):
     extra = 8
     xs, k = _norm_shift(x)
@@ -231,7 +193,6 @@ def k_rmsnorm(gm, op, x, g):
     return fx.saturate32(fx.mul_q(y, g, fx.Q))
 
 
-@kernel("layernorm")
 def k_layernorm(gm, op, x, g, b=None):
     extra = 8
     d = x.shape[-1]
@@ -261,22 +222,18 @@ def gelu_q16(x):
 ACTS = {"silu": silu_q16, "gelu": gelu_q16, "gelu_tanh": gelu_q16}
 
 
-@kernel("silu")
 def k_silu(gm, op, x):
     return fx.saturate32(silu_q16(x))
 
 
-@kernel("gelu")
 def k_gelu(gm, op, x):
     return fx.saturate32(gelu_q16(x))
 
 
-@kernel("gated_mlp")
 def k_gated_mlp(gm, op, gate, up):
     return fx.saturate32(fx.mul_q(ACTS[op.attr("activation", "silu")](gate), up, fx.Q))
 
 
-@kernel("rope")
 def k_rope(gm, op, x, cos, sin):
     rd = op.attr("rotary_dim", x.shape[-1])
     xr, xp = x[..., :rd], x[..., rd:]
@@ -309,7 +266,6 @@ def softmax_q15(z: np.ndarray) -> np.ndarray:
     return np.where(total > 0, fx.div_round(e << 15, np.maximum(total, 1)), 0)
 
 
-@kernel("attention")
 def k_attention(gm: Golden, op: Op, q, k, v, mask=None):
     bits, blk = gm.config.act_bits, gm.config.block
     hq, hkv = q.shape[1], k.shape[1]
@@ -348,3 +304,21 @@ def k_attention(gm: Golden, op: Op, q, k, v, mask=None):
         acc_v = fx.check_acc(fx.int_matmul(p, v_al), f"{op.name} values", bits=63)
         out[..., sl] = fx.rshift_round(acc_v, 15 - vmin[..., None, None])
     return fx.saturate32(out)
+
+
+# op kind -> integer kernel ``fn(gm, op, *inputs)``: the one table golden dispatches through
+# (data-movement ops in PLUMBING run through compiler.interp, exact on integers)
+KERNELS: dict[str, Callable] = {
+    "linear": k_linear,
+    "Add": k_add,
+    "Sub": k_sub,
+    "Mul": k_mul,
+    "Neg": k_neg,
+    "rmsnorm": k_rmsnorm,
+    "layernorm": k_layernorm,
+    "silu": k_silu,
+    "gelu": k_gelu,
+    "gated_mlp": k_gated_mlp,
+    "rope": k_rope,
+    "attention": k_attention,
+}
