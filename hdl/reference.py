@@ -33,32 +33,31 @@ RIGHT_MAX = 63                 # a right shift by >= 64 rounds every |v| < 2**62
 
 
 def decompose(codes: np.ndarray, coarse, fine=()) -> tuple[np.ndarray, np.ndarray]:
-    """Integer codes -> (v_code, v_fine) via indices (-1: no via).
+    """Integer codes -> (v_code, v_fine) via indices into the alphabets (-1: no via): the one
+    decomposition rule of the project (the layer files store index + 1, docs/layout.md).
 
-    A code in the coarse alphabet takes one coarse via; otherwise the largest coarse value c
-    (or no coarse via, c = 0) whose remainder is a fine value: for w3o6 and int8 this is the
-    table's ``step * floor(code / step) + (code mod step)``. Raises ValueError for a code the
-    alphabets cannot express.
+    The fine alphabet is ``1 .. 2**k - 1`` (k = 0: none): a code's fine value is
+    ``code mod 2**k`` and its coarse value the rest, ``2**k * floor(code / 2**k)``; zero has no
+    via. Raises ValueError for a code the alphabets cannot express.
     """
     codes = np.asarray(codes, np.int64)
-    v_code = np.full(codes.shape, -1, np.int64)
-    v_fine = np.full(codes.shape, -1, np.int64)
-    for value in np.unique(codes):
-        value = int(value)
-        if value == 0:
-            continue
-        if value in coarse:
-            pair = (coarse.index(value), -1)
-        else:
-            options = [(c, value - c) for c in (0, *coarse) if value - c in fine]
-            if not options:
-                raise ValueError(f"code {value} is not expressible with coarse alphabet {coarse} "
-                                 f"and fine alphabet {fine}")
-            c, f = max(options)
-            pair = (coarse.index(c) if c else -1, fine.index(f))
-        where = codes == value
-        v_code[where], v_fine[where] = pair
-    return v_code, v_fine
+    k = len(fine).bit_length()
+    if tuple(fine) != tuple(range(1, 1 << k)) or (not fine and k):
+        raise ValueError(f"fine alphabet {tuple(fine)} is not 1 .. 2**k - 1")
+    fine_val = codes & ((1 << k) - 1)
+    coarse_val = codes - fine_val
+    lo = min((*coarse, 0))
+    table = np.full(max((*coarse, 0)) - lo + 1, -2, np.int64)    # -2: no product line for this value
+    table[0 - lo] = -1
+    table[np.asarray(coarse, np.int64) - lo] = np.arange(len(coarse))
+    idx = coarse_val - lo
+    inside = (idx >= 0) & (idx < table.size)
+    v_code = np.where(inside, table[np.clip(idx, 0, table.size - 1)], -2)
+    if np.any(v_code == -2):
+        bad = int(codes.reshape(-1)[np.flatnonzero(v_code.reshape(-1) == -2)[0]])
+        raise ValueError(f"code {bad} is not expressible with coarse alphabet {tuple(coarse)} "
+                         f"and fine alphabet {tuple(fine)}")
+    return v_code, fine_val - 1
 
 
 def extract_codes(v_code, v_fine, coarse, fine=()) -> np.ndarray:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-from tapeout.backends.maskrom.estimate import ModelShape, format_cost
+from tapeout.backends.model_shape import ModelShape, format_cost
 
 from .machine import Machine
 

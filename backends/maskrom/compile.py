@@ -9,6 +9,8 @@ from tapeout.compiler.errors import TapeoutError
 from tapeout.compiler.golden.model import Golden, IntLinear, linear_int
 from tapeout.compiler.program import IntegerProgram
 
+from tapeout.backends.model_shape import kv_cache_bytes as _kv_bytes
+
 from .base import BaseDie, choose_base
 from .fabric import fabric_linear, fabric_model
 from .layers import LinearSpec, ViaLayers, build_layers, extract, lvs
@@ -18,12 +20,8 @@ from .render import die_png, tile_png, write_gds
 
 
 def kv_cache_bytes(summary: dict, context: int) -> int:
-    """int8 keys and values plus one shift byte per 32-block, for every layer at ``context``."""
-    total = 0
-    for b in summary["structure"]["blocks"]:
-        per_token = 2 * b["kv_heads"] * b["head_dim"]
-        total += context * (per_token + per_token // 32)
-    return total
+    """The KV cache of the summary's blocks at ``context`` (the rule: model_shape.kv_cache_bytes)."""
+    return _kv_bytes([(b["kv_heads"], b["head_dim"]) for b in summary["structure"]["blocks"]], context)
 
 
 def specs_of(program: IntegerProgram) -> list[LinearSpec]:

@@ -21,6 +21,8 @@ import numpy as np
 
 from tapeout.compiler.errors import TapeoutError
 
+from tapeout.hdl.reference import decompose as via_indices
+
 from .base import BaseDie, Family
 
 ROW_BYTES = 8
@@ -75,27 +77,23 @@ def unpack(data: np.ndarray, bits: int, count: int) -> np.ndarray:
 
 
 def decompose(codes: np.ndarray, fam: Family) -> tuple[np.ndarray, np.ndarray]:
-    """codes -> (V_CODE entries, V_FINE entries): 0 = no via, k = line k-1 of the alphabet."""
-    k = fam.fine_bits
-    fine_val = codes & ((1 << k) - 1) if k else np.zeros_like(codes)
-    coarse_val = codes - fine_val
-    lut_c = {v: i + 1 for i, v in enumerate(fam.coarse)}
-    lut_f = {v: i + 1 for i, v in enumerate(fam.fine)}
-    lo = min(fam.coarse + (0,))
-    table_c = np.zeros(max(fam.coarse + (0,)) - lo + 1, np.int64) - 1
-    table_c[0 - lo] = 0
-    for v, i in lut_c.items():
-        table_c[v - lo] = i
-    idx = coarse_val - lo
-    if idx.size and (idx.min() < 0 or idx.max() >= table_c.size or np.any(table_c[idx] < 0)):
-        bad = codes.reshape(-1)[np.flatnonzero((idx.reshape(-1) < 0) | (idx.reshape(-1) >= table_c.size)
-                                               | (table_c[np.clip(idx, 0, table_c.size - 1)].reshape(-1) < 0))[0]]
-        raise TapeoutError(f"code {int(bad)} has no product line in base family {fam.name}")
-    v_code = table_c[idx]
-    v_fine = np.zeros_like(codes)
-    for v, i in lut_f.items():
-        v_fine[fine_val == v] = i
-    return v_code.astype(np.uint8), v_fine.astype(np.uint8)
+    """codes -> (V_CODE entries, V_FINE entries) of the layer files: entry = via index + 1
+    (0 = no via, k = line k-1 of the alphabet), the indices from ``hdl.reference.decompose``."""
+    try:
+        vc, vf = via_indices(codes, fam.coarse, fam.fine)
+    except ValueError:
+        bad = _inexpressible(codes, fam)
+        raise TapeoutError(f"code {bad} has no product line in base family {fam.name}") from None
+    return (vc + 1).astype(np.uint8), (vf + 1).astype(np.uint8)
+
+
+def _inexpressible(codes: np.ndarray, fam: Family) -> int:
+    for v in np.unique(np.asarray(codes)):
+        try:
+            via_indices(np.array([v]), fam.coarse, fam.fine)
+        except ValueError:
+            return int(v)
+    return 0
 
 
 def compose(v_code: np.ndarray, v_fine: np.ndarray, fam: Family) -> np.ndarray:
@@ -267,11 +265,11 @@ def via_maps(layers: ViaLayers, li: int) -> dict:
     requantisation constants, all read from the packed layers."""
     fam = layers.base.family
     e = extract(layers, li)
-    vc, vf = decompose(e.codes, fam)
+    vc, vf = via_indices(e.codes, fam.coarse, fam.fine)
     U = fam.unit
     g = e.group_size
     unit_gs = np.repeat(e.group_scale, g // U, axis=1) if g >= U else e.group_scale[:, :: U // g]
-    return {"v_code": vc.astype(np.int64) - 1, "v_fine": vf.astype(np.int64) - 1, "coarse": fam.coarse,
+    return {"v_code": vc, "v_fine": vf, "coarse": fam.coarse,
             "fine": fam.fine, "group_scale": unit_gs, "unit": U, "mult": e.mult, "nshift": e.shift,
             "bias": e.bias, "tile_rows": fam.tile_rows, "tile_cols": fam.tile_cols, "act_bits": fam.act_bits,
             "acc_bits": fam.acc_bits}

@@ -12,6 +12,8 @@ Rounding everywhere: round half up, i.e. ``(v + 2**(k-1)) >> k`` with an arithme
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 Q = 16                       # fractional bits of Q16
@@ -171,6 +173,13 @@ def int_matmul(a: np.ndarray, b: np.ndarray, bmax: int | None = None,
         bf = (b_f64 if b_f64 is not None else b).astype(np.float64, copy=False)
         return np.matmul(a.astype(np.float64), bf).astype(np.int64)
     return np.matmul(a.astype(np.int64), b.astype(np.int64))
+
+
+def linear_unit(i_dim: int, group_size: int, block: int = MX_BLOCK) -> int:
+    """The MXINT unit of a linear: the largest run of inputs that shares one activation block
+    exponent and one weight group scale, ``gcd(mx_block(i_dim, block), group_size)`` -- the
+    rule golden, the systolic array and the dataflow chip all cut a linear's inputs by."""
+    return math.gcd(mx_block(i_dim, block), group_size)
 
 
 def mx_units(x: np.ndarray, unit: int, bits: int = 8, block: int = MX_BLOCK):

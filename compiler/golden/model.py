@@ -136,7 +136,7 @@ def linear_int(gm: Golden, L: IntLinear, x: np.ndarray, what: str) -> np.ndarray
     o_dim, i_dim = L.codes.shape
     lead = x.shape[:-1]
     X = x.reshape(-1, i_dim)
-    unit = math.gcd(fx.mx_block(i_dim, gm.config.block), L.group_size)
+    unit = fx.linear_unit(i_dim, L.group_size, gm.config.block)
     nu = i_dim // unit
     elems, su, emin = fx.mx_units(X, unit, gm.config.act_bits, gm.config.block)   # su [T, nu], emin [T]
     # fold the block exponents into x (the group scales are already folded into scaled_t):
