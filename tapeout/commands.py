@@ -208,7 +208,8 @@ def cmd_simulate(args: argparse.Namespace, progress: Progress) -> int:
     prove the files are the compiled ones, the program and the target's artifacts are the input."""
     progress.enabled = not args.json
     man, target = open_folder(args.out, check=("program/", "program.bin", "queues.bin", "memory.json",
-                                               "weights.bin", "banks.bin", "sim/", "base/", "layers/"))
+                                               "weights.bin", "banks.bin", "report.json", "sim/", "base/",
+                                               "layers/"))
     program = load_program(args.out) if target.needs_format and target.name != "maskrom" else None
     r, code, text = target.simulate(Path(args.out), program, man["options"], args, progress.step)
     print(dumps_json(r), end="") if args.json else print(text)

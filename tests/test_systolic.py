@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tapeout.backends.systolic.isa import BUF_SCORES, BUF_VALUES, INSTR, OPS, WORD0, WORD1, IsaError, decode, encode
-from tapeout.backends.systolic.isasim import run_program
+from tapeout.backends.systolic.isasim import run_program as _run_program
+from tapeout.backends.systolic.weights import build_image
 from tapeout.backends.systolic.lower import lower
 from tapeout.backends.systolic.machine import Machine
 from tapeout.cli import main
@@ -52,6 +53,11 @@ def test_encoding_rejects_overflow_and_bad_bytes():
 def golden_llama(tiny):
     g = frontend(tiny.export("llama", "dynamo", 20, "prefill"))
     return quantize_model(g, QuantConfig("nvfp4", quantize_head=True), None).golden()
+
+
+def run_program(ip, m, prog, feeds, stats=None, **kw):
+    """The ISA simulator with the weight image the compiler writes for ``ip``."""
+    return _run_program(ip, m, prog, feeds, stats, image=build_image(ip, m), **kw)
 
 
 def feeds_of(gm):
@@ -131,6 +137,68 @@ def test_corrupted_microcode_is_caught(tiny, tmp_path, capsys):
     capsys.readouterr()
     code, _, err = run_cli(capsys, "simulate", str(out), "--json")
     assert_one_line_error(code, err, "program.bin: instruction", "expects weights")
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.integers(2, 8), rows=st.integers(1, 5), n_in=st.integers(1, 37), seed=st.integers(0, 2**31))
+def test_weight_codes_pack_and_unpack(bits, rows, n_in, seed):
+    from tapeout.backends.systolic.weights import pack_codes, unpack_codes
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    codes = np.random.default_rng(seed).integers(lo, hi + 1, (rows, n_in))
+    packed = pack_codes(codes, bits)
+    assert packed.shape == (rows, -(-n_in * bits // 8))
+    assert np.array_equal(unpack_codes(packed, n_in, bits), codes)
+
+
+def test_weight_codes_layout_is_the_documented_one():
+    from tapeout.backends.systolic.weights import pack_codes
+    # docs/isa.md: code c holds bits c*bits.. of the row, bit b is bit b%8 of byte b//8, two's complement
+    # codes 1, -1, 2 at 3 bits: bits 0-2 = 1,0,0; bits 3-5 = 1,1,1; bits 6-8 = 0,1,0
+    assert pack_codes(np.array([[1, -1, 2]]), 3).tolist() == [[0b10111001, 0b0]]
+    assert pack_codes(np.array([[-2, 1]]), 4).tolist() == [[0x1E]]
+
+
+def test_weight_image_holds_every_strip_the_program_loads(golden_llama):
+    from tapeout.backends.systolic.weights import WeightImage
+    m = Machine(n=8)
+    low = lower(golden_llama, m)
+    image = WeightImage(build_image(golden_llama, m), m)
+    loads = low.program[low.program["op"] == OPS.index("LOAD_W")]
+    assert len(loads) > 0
+    for r in loads[:50]:
+        layer, i = int(r["layer"]), int(r["i"])
+        L = golden_llama.linears[golden_llama.ops[layer].name]
+        w = image.strip(layer, i)
+        rows = slice(i * m.n, (i + 1) * m.n)
+        assert np.array_equal(w.codes, L.codes[rows]) and np.array_equal(w.mult, L.mult[rows])
+        assert np.array_equal(w.group_scale, L.group_scale[rows]) and np.array_equal(w.shift, L.shift[rows])
+
+
+def test_a_damaged_weight_image_is_caught(tiny, tmp_path, capsys):
+    """weights.bin is what the simulator computes with: a flipped bit is refused by the hash
+    check, and with a matching hash it changes the outputs (exit 1, mismatches counted)."""
+    model = tiny.export("llama", "dynamo", 20, "prefill")
+    out = tmp_path / "sys"
+    assert main(["compile", str(model), "--target", "systolic", "--format", "nvfp4", "-o", str(out)]) == 0
+    from tapeout.backends.systolic.weights import HEADER, STRIP
+    data = bytearray((out / "weights.bin").read_bytes())
+    table = np.frombuffer(bytes(data[HEADER.itemsize:]), STRIP, count=int(np.frombuffer(data[8:12], "<u4")[0]))
+    off = int(table[0]["offset"])
+    data[off] ^= 0x11                                    # two codes of the first strip
+    (out / "weights.bin").write_bytes(bytes(data))
+    capsys.readouterr()
+    code, _, err = run_cli(capsys, "simulate", str(out), "--json")
+    assert_one_line_error(code, err, "weights.bin", "sha256")
+    rehash(out, "weights.bin")
+    code, stdout, err = run_cli(capsys, "simulate", str(out), "--json")
+    assert code == 1, err
+    r = json.loads(stdout)
+    assert r["checked"] > 0 and r["mismatches"] > 0
+    # a truncated image: one line naming the file
+    (out / "weights.bin").write_bytes(bytes(data[:off + 3]))
+    rehash(out, "weights.bin")
+    code, _, err = run_cli(capsys, "simulate", str(out), "--json")
+    assert_one_line_error(code, err, "weights.bin: weight image strip", "beyond the image")
 
 
 def test_bad_machine_option(tiny, tmp_path, capsys):

@@ -1,5 +1,6 @@
-"""``tapeout compile --target systolic``: microcode, listing, schedule, trace, per-layer report,
-and the ISA simulator's whole-model check against golden (spec: docs/isa.md)."""
+"""``tapeout compile --target systolic``: microcode, weight image, listing, schedule, trace,
+per-layer report, and the ISA simulator's whole-model check (from the weight image) against
+golden (spec: docs/isa.md)."""
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -14,6 +15,7 @@ from .isa import OPS, encode, listing
 from .isasim import run_program
 from .lower import attention_geometry, linear_geometry, lower, strip_bytes
 from .machine import Machine
+from .weights import build_image
 
 __all__ = ["compile_systolic", "layer_report", "throughput", "sample_feeds", "LISTING_LIMIT"]
 
@@ -116,6 +118,9 @@ def compile_systolic(ip: IntegerProgram, out, machine: Machine, *, verify: bool 
     with stage("checking the schedule (dependencies, one task per unit and cycle)"):
         sched.verify()
     prog = low.program
+    with stage("writing the weight image (the strips the LOAD_W instructions read)"):
+        image = build_image(ip, machine)
+        out.write_bytes("weights.bin", image)
     with stage(f"writing {len(prog)} instructions"):
         out.write_bytes("program.bin", encode(prog))
         out.write_text("program.lst", listing(prog, low.names, machine.as_dict(),
@@ -144,7 +149,7 @@ def compile_systolic(ip: IntegerProgram, out, machine: Machine, *, verify: bool 
         with stage("ISA simulator vs golden on a sample window (whole model)"):
             feeds = sample_feeds(ip)
             st: dict = {}
-            got = run_program(ip, machine, prog, feeds, st)
+            got = run_program(ip, machine, prog, feeds, st, image=image, makespan=int(sched.makespan))
             gold = Golden(ip).run(feeds)
             checked = int(sum(v.size for v in gold.values()))
             mismatches = int(sum(np.count_nonzero(got[k] != gold[k]) for k in gold))

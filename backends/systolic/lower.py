@@ -35,8 +35,8 @@ from tapeout.compiler.schedule import Problem, Resource, list_schedule
 from .isa import BUF_SCORES, BUF_VALUES, DIGIT_SHIFT, FLAG_FIRST, FLAG_LAST, INSTR, OP
 from .machine import Machine
 
-__all__ = ["Lowered", "lower", "linear_geometry", "attention_geometry", "footprint", "VEC_COST", "DIGITS",
-           "DIGIT_BITS"]
+__all__ = ["Lowered", "lower", "linear_geometry", "tile_geometry", "code_bits", "strip_bytes", "attention_geometry",
+           "footprint", "CycleModel", "VEC_COST", "DIGITS", "DIGIT_BITS"]
 
 # ops that only change the view of a tensor cost nothing; gathers and Where move data
 FREE_OPS = PLUMBING - {"Gather", "GatherElements", "GatherND", "Where"}
@@ -61,11 +61,21 @@ def linear_geometry(ip: IntegerProgram, name: str, machine: Machine) -> dict:
     """Tiling of one linear: unit (MXINT/group unit), kt (K tile width), tile counts."""
     L = ip.linears[name]
     o_dim, i_dim = L.codes.shape
-    unit = math.gcd(fx.mx_block(i_dim, ip.config.block), L.group_size)
+    return tile_geometry(ip.config.block, machine, o_dim, i_dim, L.group_size, code_bits(L.codes))
+
+
+def code_bits(codes: np.ndarray) -> int:
+    """Two's complement bits of a linear's codes in its weight strips (at least 2)."""
+    return max(2, int(np.abs(codes).max(initial=1)).bit_length() + 1)
+
+
+def tile_geometry(block: int, machine: Machine, o_dim: int, i_dim: int, group: int, w_bits: int) -> dict:
+    """``linear_geometry`` from the strip table's fields alone (the ISA simulator's view: it
+    knows a linear from its weight image, not from the program's linears)."""
+    unit = math.gcd(fx.mx_block(i_dim, block), group)
     kt = math.gcd(machine.n, unit)                   # a K tile never straddles a unit
     return {"out": o_dim, "in": i_dim, "unit": unit, "kt": kt, "n_i": -(-o_dim // machine.n),
-            "n_k": i_dim // kt, "group": L.group_size,
-            "w_bits": max(2, int(np.abs(L.codes).max(initial=1)).bit_length() + 1)}
+            "n_k": i_dim // kt, "group": group, "w_bits": w_bits}
 
 
 def attention_geometry(ip: IntegerProgram, op, machine: Machine) -> dict | None:
@@ -122,8 +132,9 @@ def footprint(ip: IntegerProgram, op, machine: Machine) -> dict | None:
 
 
 def strip_bytes(geo: dict, rows: int) -> int:
-    """Bytes of one weight strip: codes, group scales (2 B), requantisation words (8 B) per row."""
-    return int(rows * (geo["in"] * geo["w_bits"] / 8 + (geo["in"] // geo["group"]) * 2 + 8))
+    """Bytes of one weight strip, per row: its codes at ``w_bits`` (the row padded to a byte),
+    its group scales (2 B each) and its requantisation word (8 B); docs/isa.md, "Weight image"."""
+    return int(rows * (-(-geo["in"] * geo["w_bits"] // 8) + -(-geo["in"] // geo["group"]) * 2 + 8))
 
 
 def check_capacity(name: str, fp: dict, machine: Machine) -> None:
@@ -161,14 +172,16 @@ class CycleModel:
     """Cycles of each instruction (docs/isa.md, "Cycle model"); shared by the compiler and the
     ISA simulator."""
 
-    def __init__(self, ip: IntegerProgram, machine: Machine):
+    def __init__(self, ip: IntegerProgram, machine: Machine, geometry=None):
         self.ip, self.m = ip, machine
         self.geo: dict[int, dict] = {}
         self.att: dict[int, dict] = {}
+        # layer -> linear geometry; the ISA simulator's comes from the weight image
+        self._linear = geometry or (lambda layer: linear_geometry(ip, ip.ops[layer].name, machine))
 
     def geometry(self, layer: int) -> dict:
         if layer not in self.geo:
-            self.geo[layer] = linear_geometry(self.ip, self.ip.ops[layer].name, self.m)
+            self.geo[layer] = self._linear(layer)
         return self.geo[layer]
 
     def attention(self, layer: int) -> dict:

@@ -12,26 +12,29 @@ from tapeout.compiler.golden import fixed as fx
 from tapeout.compiler.golden.model import Golden
 from tapeout.compiler.program import IntegerProgram
 
-from .lower import CycleModel, attention_geometry, linear_geometry
+from .lower import CycleModel, attention_geometry
 from .machine import Machine
+from .weights import WeightImage, build_image
 
 __all__ = ["replay_tiles"]
 
 
-def _linear_blocks(ip: IntegerProgram, op, machine: Machine, feeds: dict, tiles: int):
-    """(stationary [out, kt], streamed [T, kt]) of output tile 0, K tiles 0..tiles-1."""
+def _linear_blocks(ip: IntegerProgram, op, machine: Machine, feeds: dict, tiles: int, image: WeightImage):
+    """(stationary [out, kt], streamed [T, kt]) of output tile 0, K tiles 0..tiles-1; the
+    stationary codes are strip 0 of the weight image, as its LOAD_W moves them."""
     inputs: dict = {}
     Golden(ip).run(feeds, outputs=[op.inputs[0]], keep=lambda t, v: inputs.__setitem__(t, v) if t == op.inputs[0] else None)
     x = inputs.get(op.inputs[0], feeds.get(op.inputs[0]))
-    geo = linear_geometry(ip, op.name, machine)
+    layer = next(j for j, o in enumerate(ip.ops) if o.name == op.name)
+    geo = image.geometry(layer, ip.config.block, machine)
     X = np.asarray(x, np.int64).reshape(-1, geo["in"])
     elems, _, _ = fx.mx_units(X, geo["unit"], ip.config.act_bits, ip.config.block)
-    rows = np.asarray(ip.linears[op.name].codes, np.int64)[:machine.n]
+    rows = image.strip(layer, 0).codes
     kt = geo["kt"]
     return [(rows[:, k * kt:(k + 1) * kt], elems[:, k * kt:(k + 1) * kt]) for k in range(min(tiles, geo["n_k"]))]
 
 
-def _score_blocks(ip: IntegerProgram, op, machine: Machine, feeds: dict, tiles: int):
+def _score_blocks(ip: IntegerProgram, op, machine: Machine, feeds: dict, tiles: int, image=None):
     """Q.K^T of KV head group 0, key tile 0, d-tiles 0..tiles-1: (K block [keys, w], the
     group's query elements [rows, w]) exactly as the attention's PRELOAD/MATMULs carry them."""
     a = attention_geometry(ip, op, machine)
@@ -50,17 +53,20 @@ def _score_blocks(ip: IntegerProgram, op, machine: Machine, feeds: dict, tiles: 
 
 
 def replay_tiles(ip: IntegerProgram, machine: Machine, feeds: dict, *, layer_name: str | None = None, tiles: int = 3,
-                 engine: str = "amaranth") -> dict:
+                 engine: str = "amaranth", image: bytes | WeightImage | None = None) -> dict:
     """Replay the first ``tiles`` PRELOAD/MATMUL pairs of a linear (output tile 0, K tiles
     0..tiles-1; default layer: the first linear) or of an attention's Q.K^T (group 0, key tile
-    0, d-tiles 0..tiles-1) on the RTL, back to back as the array runs them."""
+    0, d-tiles 0..tiles-1) on the RTL, back to back as the array runs them. A linear's weights
+    come from ``image`` (OUT/weights.bin; default: the image the compiler writes for ``ip``)."""
     from tapeout.hdl.sim import run_rows
     from tapeout.hdl.systolic import SystolicArray, tile_job
     n = machine.n
     name = layer_name or next(op.name for op in ip.ops if op.kind == "linear")
     op = ip.graph.op(name)
     layer = next(j for j, o in enumerate(ip.ops) if o.name == name)
-    blocks = (_score_blocks if op.kind == "attention" else _linear_blocks)(ip, op, machine, feeds, tiles)
+    if not isinstance(image, WeightImage):
+        image = WeightImage(build_image(ip, machine) if image is None else image, machine)
+    blocks = (_score_blocks if op.kind == "attention" else _linear_blocks)(ip, op, machine, feeds, tiles, image)
     jobs, expect = [], []
     for w, x in blocks:                                 # w [outputs, kt], x [T, kt]
         W = np.zeros((n, n), np.int64)                  # W[kk][j] = stationary value of output j, input kk

@@ -53,13 +53,17 @@ class SystolicTarget(Target):
         return report, headline
 
     def simulate(self, folder, program, opts: dict, args, step) -> tuple[dict, int, str]:
-        """Decode OUT/program.bin, run it on the ISA simulator with OUT/sim/feeds and the weights of
-        OUT/program, compare with OUT/sim/golden."""
+        """Decode OUT/program.bin, run it on the ISA simulator with OUT/sim/feeds and the weight
+        image OUT/weights.bin, check its cycles against the schedule's makespan (report.json),
+        compare with OUT/sim/golden."""
+        import json
+
         import numpy as np
 
         from .isa import IsaError, decode
         from .isasim import run_program
         from .machine import Machine
+        from .weights import ImageError
         whole_model_only(args, "systolic")
         folder = Path(folder)
         gold_dir = folder / "sim/golden"
@@ -68,12 +72,15 @@ class SystolicTarget(Target):
         machine = Machine.from_options(opts["machine"])
         try:
             prog = decode((folder / "program.bin").read_bytes())
+            image = (folder / "weights.bin").read_bytes()
+            makespan = json.loads((folder / "report.json").read_text())["schedule"]["makespan"]
             feeds = {p.stem: np.load(p, allow_pickle=False) for p in sorted((folder / "sim/feeds").glob("*.npy"))}
             stats: dict = {}
             with step(f"ISA simulator: {len(prog)} instructions"):
-                got = run_program(program, machine, prog, feeds, stats)
+                got = run_program(program, machine, prog, feeds, stats, image=image, makespan=int(makespan))
         except IsaError as e:
-            raise TapeoutError(f"program.bin: {e}", file=str(folder)) from None
+            what = "weights.bin" if isinstance(e, ImageError) else "program.bin"
+            raise TapeoutError(f"{what}: {e}", file=str(folder)) from None
         checked, mismatches = compare_with_golden(got, gold_dir)
         r = {"engine": "isa", "checked": int(checked), "mismatches": mismatches, "cycles": stats["cycles"],
              "instructions": stats["instructions"], "per_opcode": stats["per_op"]}
