@@ -21,6 +21,7 @@ def main() -> int:
     from tapeout.backends.dataflow.check import check
     from tapeout.backends.dataflow.lower import lower, memory_map
     from tapeout.backends.dataflow.machine import Machine
+    from tapeout.backends.dataflow.banks import build_banks
     from tapeout.backends.dataflow.sim import run_queues
     from tapeout.compiler.frontend import frontend
     from tapeout.compiler.qmodel import QuantConfig, quantize_model, sample_feeds
@@ -50,7 +51,7 @@ def main() -> int:
         if not opts:
             st: dict = {}
             feeds = sample_feeds(g)
-            got = run_queues(gm, m, plan.queues, mm, feeds, st)
+            got = run_queues(gm, m, plan.queues, mm, feeds, st, image=build_banks(gm, plan.geometry, mm))
             gold = gm.run(feeds)
             bad = sum(int(np.count_nonzero(got[k] != gold[k])) for k in gold)
             sim = f"{sum(v.size for v in gold.values())} eq" if not bad else f"{bad} DIFF"

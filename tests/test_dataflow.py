@@ -16,6 +16,7 @@ from tapeout.backends.dataflow.check import check
 from tapeout.backends.dataflow.isa import DF, OP, OPS, QueueError, decode, encode
 from tapeout.backends.dataflow.lower import lower, memory_map
 from tapeout.backends.dataflow.machine import Machine
+from tapeout.backends.dataflow.banks import build_banks
 from tapeout.backends.dataflow.sim import run_queues
 from tapeout.cli import main
 from tapeout.compiler.frontend import frontend
@@ -75,7 +76,7 @@ def test_whole_tiny_model_equals_golden(tiny, fam, var, fmt, opts):
     cycles = []
     for _ in range(2):               # no runtime arbitration: the same latency on every run
         st_: dict = {}
-        got = run_queues(gm, m, plan.queues, mm, feeds, st_)
+        got = run_queues(gm, m, plan.queues, mm, feeds, st_, image=build_banks(gm, plan.geometry, mm))
         cycles.append(st_["cycles"])
         checked = sum(v.size for v in gold.values())
         assert checked >= 256
@@ -140,7 +141,7 @@ def test_simulator_rejects_a_late_operand(llama_plan):
     gm, m, plan, mm = llama_plan
     q, unit, cyc = _corrupt(plan, "mem", "READ", "cycle", 2)
     with pytest.raises(QueueError, match="reach it at cycle"):
-        run_queues(gm, m, q, mm, sample_feeds(gm.graph))
+        run_queues(gm, m, q, mm, sample_feeds(gm.graph), image=build_banks(gm, plan.geometry, mm))
 
 
 def test_compile_and_simulate_cli(tiny, tmp_path, capsys):
@@ -172,6 +173,68 @@ def test_compile_and_simulate_cli(tiny, tmp_path, capsys):
     rehash(tmp_path / "a", "queues.bin")
     code, _, err = run_cli(capsys, "simulate", tmp_path / "a")
     assert_one_line_error(code, err, "queues.bin", u)
+    # the load image is what the simulator computes with: a flipped bit is refused by the hash
+    # check; re-hashed, it changes the outputs (exit 1, mismatches counted)
+    from tapeout.backends.dataflow.banks import ENTRY, HEADER, KIND_BLOCK
+    b = tmp_path / "b"
+    data = bytearray((b / "banks.bin").read_bytes())
+    n = int(np.frombuffer(bytes(data[8:12]), "<u4")[0])
+    table = np.frombuffer(bytes(data[HEADER.itemsize:HEADER.itemsize + n * ENTRY.itemsize]), ENTRY)
+    first = table[table["kind"] == KIND_BLOCK][0]
+    o = int(first["offset"])
+    assert any(data[o:o + 16])
+    data[o:o + 16] = bytes(16)                           # the first codes -> code-table entry 0
+    (b / "banks.bin").write_bytes(bytes(data))
+    code, _, err = run_cli(capsys, "simulate", b)
+    assert_one_line_error(code, err, "banks.bin", "sha256")
+    rehash(b, "banks.bin")
+    code, out, err = run_cli(capsys, "simulate", b, "--json")
+    assert code == 1, err
+    r = json.loads(out)
+    assert r["checked"] == 1408 and r["mismatches"] > 0
+    # an image whose copy sits elsewhere than memory.json says: one line naming banks.bin
+    bad = table.copy()
+    bad["addr"][bad["kind"] == KIND_BLOCK] += 64
+    data[HEADER.itemsize:HEADER.itemsize + bad.nbytes] = bad.tobytes()
+    (b / "banks.bin").write_bytes(bytes(data))
+    rehash(b, "banks.bin")
+    code, _, err = run_cli(capsys, "simulate", b)
+    assert_one_line_error(code, err, "banks.bin: load image places copy", "memory.json at chip")
+
+
+def test_load_image_holds_the_program_weights_and_constants(llama_plan):
+    from tapeout.backends.dataflow.banks import BankImage
+    gm, m, plan, mm = llama_plan
+    image = BankImage(build_banks(gm, plan.geometry, mm), mm)
+    blocks = consts = 0
+    for c in mm:
+        v = c["value"]
+        if not c["resident"] or v[0] == "input":
+            continue
+        got = image.value(c["id"])
+        if v[0] == "w":
+            layer, j = int(v[1]), int(v[2])
+            L, geo = gm.linears[gm.ops[layer].name], plan.geometry[gm.ops[layer].name]
+            i, k = divmod(j, geo["n_k"])
+            cols, rows = slice(i * geo["cols"], (i + 1) * geo["cols"]), slice(k * geo["rows"], (k + 1) * geo["rows"])
+            assert np.array_equal(got["codes"], L.codes[cols, rows])
+            units = np.arange(rows.start, rows.stop, geo["unit"]) // L.group_size
+            assert np.array_equal(got["gs"], L.group_scale[cols][:, units])
+            if k == geo["n_k"] - 1:
+                assert np.array_equal(got["mult"], L.mult[cols]) and np.array_equal(got["shift"], L.shift[cols])
+            blocks += 1
+        else:
+            name = v[1] if v[0] in ("const", "gather") else v[2]
+            assert np.array_equal(got.ravel(), gm.const(name).ravel())
+            consts += 1
+    assert blocks > 20 and consts >= 1                 # the embedding table (norm gains are immediates)
+
+
+def test_weight_blocks_that_straddle_groups_carry_every_group():
+    from tapeout.backends.dataflow.banks import block_groups
+    geo = {"rows": 96, "group": 128}
+    assert [list(block_groups(geo, k)) for k in range(4)] == [[0], [0, 1], [1, 2], [2]]
+    assert list(block_groups({"rows": 64, "group": 32}, 1)) == [2, 3]
 
 
 @pytest.mark.parametrize("opt,needle", [("mxm_k=400", "mxm_k (400) must be <= lanes"),
@@ -216,7 +279,7 @@ def test_smollm2_decode_step_equals_golden_within_1_10_of_the_bound():
     assert proof["transfers"] > 5000 and plan.chips == 2
     feeds = sample_feeds(g)
     st_: dict = {}
-    got = run_queues(gm, m, plan.queues, mm, feeds, st_)
+    got = run_queues(gm, m, plan.queues, mm, feeds, st_, image=build_banks(gm, plan.geometry, mm))
     gold = gm.run(feeds)
     assert sum(v.size for v in gold.values()) == 49152 + 60 * 3 * 17 * 64
     assert all(np.array_equal(got[k], gold[k]) for k in gold)

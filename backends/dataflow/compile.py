@@ -1,5 +1,5 @@
-"""``tapeout compile --target dataflow``: per-unit queues, SRAM map, schedule, trace, report,
-the checker's proof and the simulator's whole-model check against golden (spec: docs/dataflow.md)."""
+"""``tapeout compile --target dataflow``: per-unit queues, SRAM map and load image, schedule,
+trace, report, the checker's proof and the simulator's whole-model check against golden (spec: docs/dataflow.md)."""
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -12,6 +12,7 @@ from tapeout.compiler.errors import TapeoutError
 from tapeout.compiler.golden.model import Golden
 from tapeout.compiler.program import IntegerProgram
 
+from .banks import build_banks
 from .check import check
 from .isa import OP, OPS, QueueError, encode, listing
 from .lower import lower, memory_map
@@ -76,6 +77,9 @@ def compile_dataflow(ip: IntegerProgram, out, machine: Machine, *, verify: bool 
                                              plan.makespan, limit=LISTING_ROWS))
         out.write_json("memory.json", {"banks": machine.mem_banks, "bank_bytes": machine.bank_kib * 1024,
                                        "lanes": machine.lanes, "copies": mm})
+    with stage("writing the load image (the weight blocks and constants of every bank)"):
+        image = build_banks(ip, plan.geometry, mm)
+        out.write_bytes("banks.bin", image)
         out.write_json("trace.json", chrome_trace(q, plan.names, plan.makespan))
     per_kind: dict[str, Counter] = defaultdict(Counter)
     for u, v in q.items():
@@ -129,7 +133,7 @@ def compile_dataflow(ip: IntegerProgram, out, machine: Machine, *, verify: bool 
             feeds = ip.interface.sample_feeds(g)
             st: dict = {}
             try:
-                got = run_queues(ip, machine, q, mm, feeds, st)
+                got = run_queues(ip, machine, q, mm, feeds, st, image=image)
             except QueueError as e:
                 raise TapeoutError(f"internal check failed: the simulator stopped: {e} (a compiler bug)") from None
             gold = Golden(ip).run(feeds)

@@ -70,7 +70,7 @@ def linear_blocks(ip: IntegerProgram, name: str, m: Machine) -> dict:
     requantisation words (multiplier, shift, bias: 10 bytes per output)."""
     L = ip.linears[name]
     o_dim, i_dim = L.codes.shape
-    unit = math.gcd(fx.mx_block(i_dim, ip.config.block), L.group_size)
+    unit = fx.linear_unit(i_dim, L.group_size, ip.config.block)
     rows = max(r for r in range(unit, min(m.mxm_k, i_dim) + 1, unit) if i_dim % r == 0)
     even = [c for c in range(1, min(m.mxm_n, o_dim) + 1) if o_dim % c == 0 and (o_dim // c) % m.mxm == 0]
     cols = max(even) if even else min(m.mxm_n, o_dim)
@@ -80,10 +80,12 @@ def linear_blocks(ip: IntegerProgram, name: str, m: Machine) -> dict:
     distinct = int(np.count_nonzero(np.bincount(codes.astype(np.int64) - lo)))
     w_bits = max(1, math.ceil(math.log2(max(distinct, 2))))      # codes stored as indices of their alphabet
     gs_bits = max(1, int(np.abs(L.group_scale).max(initial=1)).bit_length() + 1)
-    block = rows * cols * w_bits / 8 + cols * -(-rows // L.group_size) * gs_bits / 8
+    # the groups one K block touches: ceil(rows / group), one more when blocks straddle groups
+    gpb = max(((k + 1) * rows - 1) // L.group_size - (k * rows) // L.group_size + 1 for k in range(n_k))
+    block = rows * cols * w_bits + cols * gpb * gs_bits                   # bits (banks.py packs them)
     return {"out": o_dim, "in": i_dim, "unit": unit, "rows": rows, "cols": cols, "n_i": n_i, "n_k": n_k,
-            "w_bits": w_bits, "gs_bits": gs_bits, "block_bytes": int(math.ceil(block)),
-            "req_bytes": 10 * cols, "blocks": n_i * n_k}
+            "group": L.group_size, "gs_per_block": gpb, "w_bits": w_bits, "gs_bits": gs_bits,
+            "block_bytes": -(-block // 8), "req_bytes": 10 * cols, "blocks": n_i * n_k}
 
 
 @dataclass

@@ -19,62 +19,39 @@ from tapeout.compiler.golden.model import KERNELS
 from tapeout.compiler.program import IntegerProgram
 from tapeout.compiler.interp import run_op
 
+from .banks import BankImage
 from .isa import FLAG_FIRST, FLAG_LAST, OP, OPS, WHOLE, QueueError
-from .lower import is_immediate, is_table_gather, linear_blocks, unit_slice
+from .lower import is_immediate, is_table_gather, unit_slice
 from .machine import Machine
 
-__all__ = ["run_queues", "weight_block"]
+__all__ = ["run_queues"]
 
 # at one cycle: producers first, then readers, then the units acting on what they read
 RANK = {OP["READ"]: 0, OP["SEND"]: 0, OP["RX"]: 0, OP["WRITE"]: 1, OP["RECV"]: 1, OP["IW"]: 1, OP["MM"]: 1,
         OP["EXEC"]: 2, OP["TX"]: 2, OP["NOP"]: 3}
 
 
-def weight_block(ip: IntegerProgram, name: str, geo: dict, j: int) -> dict:
-    """The contents of weight block ``j`` of linear ``name`` as the load image stores it."""
-    L = ip.linears[name]
-    i, k = divmod(j, geo["n_k"])
-    cols = slice(i * geo["cols"], min((i + 1) * geo["cols"], geo["out"]))
-    rows = slice(k * geo["rows"], (k + 1) * geo["rows"])
-    unit = geo["unit"]
-    first_units = np.arange(rows.start, rows.stop, unit)
-    blk = {"codes": np.asarray(L.codes[cols, rows], np.int64),
-           "gs": np.asarray(L.group_scale[cols][:, first_units // L.group_size], np.int64)}
-    if k == geo["n_k"] - 1:
-        blk.update(mult=L.mult[cols], shift=L.shift[cols], bias=None if L.bias is None else L.bias[cols])
-    return blk
-
-
 def run_queues(ip: IntegerProgram, m: Machine, queues: dict[str, np.ndarray], memmap: list[dict], feeds: dict,
-               stats: dict | None = None) -> dict:
-    """Run the queues on ``feeds`` (golden's integer feeds); returns the model outputs."""
+               stats: dict | None = None, *, image: "bytes | BankImage") -> dict:
+    """Run the queues on ``feeds`` (golden's integer feeds) with the banks loaded from ``image``
+    (the bytes of OUT/banks.bin, or a parsed ``BankImage``); returns the model outputs. ``ip``
+    supplies the graph, the op attributes and the instructions' immediates, never the weights
+    or the banks' constants."""
     g = ip.graph
-    geos: dict[str, dict] = {}
+    if not isinstance(image, BankImage):
+        image = BankImage(image, memmap)
+    geo = image.geometry
 
-    def geo(layer: int) -> dict:
-        name = ip.ops[layer].name
-        if name not in geos:
-            geos[name] = linear_blocks(ip, name, m)
-        return geos[name]
-
-    # the load image: weights, constants and inputs in their banks
+    # the load image: weights and constants from banks.bin, graph inputs from the host
     mem: dict[int, object] = {}
     written: dict[int, list] = defaultdict(list)        # copy -> [(end cycle, region)]
     for c in memmap:
-        kind, v = c["value"][0], c["value"]
         if not c["resident"]:
             continue
-        if kind == "w":
-            layer, j = int(v[1]), int(v[2])
-            mem[c["id"]] = weight_block(ip, ip.ops[layer].name, geo(layer), j)
-        elif kind == "const":
-            mem[c["id"]] = ip.const(v[1])
-        elif kind == "constv":
-            mem[c["id"]] = ip.const(v[2]).reshape(g.tensors[v[1]].shape)
-        elif kind == "gather":
-            mem[c["id"]] = ip.const(v[1])
-        elif kind == "input":
-            mem[c["id"]] = np.asarray(feeds[v[1]]).astype(np.int64)
+        if c["value"][0] == "input":
+            mem[c["id"]] = np.asarray(feeds[c["value"][1]]).astype(np.int64)
+        else:
+            mem[c["id"]] = image.value(c["id"])
     by_id = {c["id"]: c for c in memmap}
 
     units = list(queues)
@@ -215,8 +192,7 @@ def run_queues(ip: IntegerProgram, m: Machine, queues: dict[str, np.ndarray], me
             if r["flags"] & FLAG_LAST:
                 acc = fx.check_acc(st["acc"], ip.ops[layer].name)
                 y = fx.rshift_round(acc * blk["mult"][None, :], blk["shift"][None, :] - emin[:, None])
-                if blk["bias"] is not None:
-                    y = y + blk["bias"]
+                y = y + blk["bias"]
                 st["out"].append(fx.saturate32(y))
                 st["acc"] = None
         elif op == "TX":

@@ -33,9 +33,10 @@ class DataflowTarget(Target):
 
     def simulate(self, folder, program, opts: dict, args, step) -> tuple[dict, int, str]:
         """Check OUT/queues.bin statically, run it on the cycle-accurate simulator with OUT/sim/feeds
-        and compare every output with OUT/sim/golden."""
+        and the banks loaded from OUT/banks.bin, and compare every output with OUT/sim/golden."""
         import numpy as np
 
+        from .banks import BankError
         from .check import check
         from .isa import QueueError, decode
         from .machine import Machine
@@ -55,9 +56,11 @@ class DataflowTarget(Target):
             feeds = {p.stem: np.load(p, allow_pickle=False) for p in sorted((folder / "sim/feeds").glob("*.npy"))}
             stats: dict = {}
             with step("cycle-accurate simulator"):
-                got = run_queues(program, machine, queues, memmap, feeds, stats)
+                got = run_queues(program, machine, queues, memmap, feeds, stats,
+                                 image=(folder / "banks.bin").read_bytes())
         except QueueError as e:
-            raise TapeoutError(f"queues.bin: {e}", file=str(folder)) from None
+            what = "banks.bin" if isinstance(e, BankError) else "queues.bin"
+            raise TapeoutError(f"{what}: {e}", file=str(folder)) from None
         checked, mismatches = compare_with_golden(got, gold_dir)
         sc = report["schedule"]
         r = {"engine": "dataflow", "checked": int(checked), "mismatches": mismatches, "cycles": stats["cycles"],

@@ -13,6 +13,8 @@ import numpy as np
 
 from tapeout.compiler.errors import TapeoutError
 
+from tapeout.backends.bitpack import pack_signed, unpack_signed
+
 from .isa import IsaError
 from .lower import linear_geometry, strip_bytes, tile_geometry
 from .machine import Machine
@@ -27,7 +29,6 @@ STRIP = np.dtype([("layer", "<u4"), ("i", "<u4"), ("rows", "<u4"), ("in", "<u4")
 # one per output row: the requantisation word of the mask-ROM's via layers (maskrom/layers.py ROW_DTYPE)
 REQUANT_WORD = np.dtype([("mult", "<i2"), ("shift", "i1"), ("pad", "u1"), ("bias", "<i4")])
 GROUP_SCALE = np.dtype("<u2")
-PACK_ROWS = 2048                 # rows packed at once (bounds the bit array of a large layer)
 
 
 class ImageError(IsaError):
@@ -47,26 +48,14 @@ class Strip:
 
 # --- codes at w_bits -------------------------------------------------------------------------------
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
-    """int [rows, in] -> uint8 [rows, ceil(in * bits / 8)]: code ``c`` of a row is bits
-    ``c*bits .. c*bits+bits-1`` of the row's bit string (two's complement), bit ``b`` of the
-    string is bit ``b % 8`` of byte ``b // 8`` (little-endian bit order)."""
-    codes = np.asarray(codes, np.int64)
-    rows, n_in = codes.shape
-    row_bytes = -(-n_in * bits // 8)
-    out = np.zeros((rows, row_bytes), np.uint8)
-    shifts = np.arange(bits, dtype=np.uint64)
-    for r0 in range(0, rows, PACK_ROWS):
-        u = (codes[r0:r0 + PACK_ROWS] & ((1 << bits) - 1)).astype(np.uint64)
-        b = ((u[:, :, None] >> shifts) & np.uint64(1)).astype(np.uint8).reshape(len(u), -1)
-        out[r0:r0 + PACK_ROWS] = np.packbits(b, axis=1, bitorder="little")
-    return out
+    """int [rows, in] -> uint8 [rows, ceil(in * bits / 8)], two's complement at ``bits``
+    (``backends/bitpack.py``: code ``c`` is bits ``c*bits ..`` of the row, LSB first)."""
+    return pack_signed(codes, bits)
 
 
 def unpack_codes(data: np.ndarray, n_in: int, bits: int) -> np.ndarray:
     """The inverse of ``pack_codes``: uint8 [rows, row_bytes] -> int64 [rows, n_in]."""
-    b = np.unpackbits(data, axis=1, bitorder="little")[:, :n_in * bits].reshape(len(data), n_in, bits)
-    u = b.astype(np.int64) @ (np.int64(1) << np.arange(bits, dtype=np.int64))
-    return np.where(u >= 1 << (bits - 1), u - (1 << bits), u)
+    return unpack_signed(data, n_in, bits)
 
 
 # --- writing ---------------------------------------------------------------------------------------
