@@ -4,8 +4,10 @@ It runs the per-unit queues exactly as issued: every instruction happens at its 
 vector a producer puts on a stream is taken by its readers at the cycle it reaches them
 (``issue + hop_cycles * distance``; anything else is an error), MEM banks hold copies at
 addresses, MXMs hold installed weight blocks and an accumulator, and C2C links deliver
-``link_latency`` cycles after sending. Arithmetic is golden's integer semantics, so outputs
-equal golden bit for bit; there is no runtime arbitration, so the latency is the same on every
+``link_latency`` cycles after sending. Weights and constants come from the load image
+(``banks.py``); the vector arithmetic is ``backends/vector.py``'s, written from docs/golden.md
+and sharing no code with golden, and the compile checks the outputs against golden bit for
+bit. There is no runtime arbitration, so the latency is the same on every
 run: the end of the last instruction.
 """
 from __future__ import annotations
@@ -14,8 +16,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from tapeout.compiler.golden import fixed as fx
-from tapeout.compiler.golden.model import KERNELS
+from tapeout.backends import vector as vu
 from tapeout.compiler.program import IntegerProgram
 from tapeout.compiler.interp import run_op
 
@@ -147,7 +148,7 @@ def run_queues(ip: IntegerProgram, m: Machine, queues: dict[str, np.ndarray], me
             if opr.kind == "linear":                            # QX: MXINT quantisation of the input
                 gl = geo(layer)
                 x = st["ops"][0].reshape(-1, gl["in"])
-                out = [fx.mx_units(x, gl["unit"], ip.config.act_bits, ip.config.block)]
+                out = [vu.mx_rows(x, gl["unit"], ip.config.act_bits, ip.config.block)]
             elif st["ops"] and is_table_gather(g, opr):
                 out = [st["ops"][0].reshape(g.tensors[opr.outputs[0]].shape)]
             else:
@@ -162,7 +163,7 @@ def run_queues(ip: IntegerProgram, m: Machine, queues: dict[str, np.ndarray], me
                             fail(u, cyc, f"EXEC of {opr.name} without operand {j}")
                         args.append(np.asarray(st["ops"][j]).reshape(g.tensors[t].shape))
                         j += 1
-                res = KERNELS[opr.kind](ip, opr, *args) if opr.kind in KERNELS else run_op(opr, args)
+                res = vu.KERNELS[opr.kind](ip, opr, *args) if opr.kind in vu.KERNELS else run_op(opr, args)
                 res = res if isinstance(res, tuple) else (res,)
                 out = [v for name, v in zip(opr.outputs, res) if name]
             st["ops"] = {}
@@ -187,13 +188,11 @@ def run_queues(ip: IntegerProgram, m: Machine, queues: dict[str, np.ndarray], me
             T, rows = el.shape
             xs = (el.reshape(T, rows // unit, unit) << (su - emin[:, None])[:, :, None]).reshape(T, rows)
             w = blk["codes"] * np.repeat(blk["gs"], unit, axis=1)
-            part = fx.int_matmul(xs, w.T)
+            part = vu.exact_matmul(xs, w.T)
             st["acc"] = part if r["flags"] & FLAG_FIRST else st["acc"] + part
             if r["flags"] & FLAG_LAST:
-                acc = fx.check_acc(st["acc"], ip.ops[layer].name)
-                y = fx.rshift_round(acc * blk["mult"][None, :], blk["shift"][None, :] - emin[:, None])
-                y = y + blk["bias"]
-                st["out"].append(fx.saturate32(y))
+                acc = vu.check(st["acc"], ip.ops[layer].name)
+                st["out"].append(vu.requant(acc, blk["mult"], blk["shift"], emin, blk["bias"]))
                 st["acc"] = None
         elif op == "TX":
             st = regs[u]

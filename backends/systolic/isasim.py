@@ -29,9 +29,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from tapeout.compiler.golden import fixed as fx
-from tapeout.compiler.golden.model import KERNELS as VECTOR
-from tapeout.compiler.golden.model import MASKED, softmax_q15
+from tapeout.backends import vector as vu
 from tapeout.compiler.interp import run_op
 
 from .isa import BUF_SCORES, DIGIT_SHIFT, FLAG_FIRST, OPS, QUEUE, IsaError
@@ -203,7 +201,7 @@ def _quant_x(sim: _Sim, x: Instr) -> None:
     geo = sim.cost.geometry(x.layer)
     v = sim.tensor(sim.op(x).inputs[0], x)
     X = v.reshape(-1, geo["in"])
-    elems, su, emin = fx.mx_units(X, geo["unit"], sim.ip.config.act_bits, sim.ip.config.block)
+    elems, su, emin = vu.mx_rows(X, geo["unit"], sim.ip.config.act_bits, sim.ip.config.block)
     sim.xq[x.layer] = (elems, su, emin, x.end, v.shape[:-1])
     sim.outs[x.layer] = {"y": np.zeros((X.shape[0], geo["out"]), np.int64), "tiles": 0, "ready": 0}
 
@@ -271,15 +269,14 @@ def _requant(sim: _Sim, x: Instr) -> None:
         return
     op, key = sim.op(x), (x.layer, x.i)
     a = sim.drain(key, x)
-    fx.check_acc(a, op.name)
+    vu.check(a, op.name)
     s = sim.strip(x, key)
     s["last_read"] = max(s["last_read"], x.end)
     w = s["w"]
     _, _, emin, _, lead = sim.xq[x.layer]
-    y = fx.rshift_round(a * w.mult[None, :], w.shift[None, :] - emin[:, None]) + w.bias
     o = sim.outs[x.layer]
     n = sim.m.n
-    o["y"][:, x.i * n:x.i * n + a.shape[1]] = fx.saturate32(y)
+    o["y"][:, x.i * n:x.i * n + a.shape[1]] = vu.requant(a, w.mult, w.shift, emin, w.bias)
     o["tiles"] += 1
     o["ready"] = max(o["ready"], x.end)
     if o["tiles"] == sim.cost.geometry(x.layer)["n_i"]:
@@ -304,7 +301,7 @@ def _vec(sim: _Sim, x: Instr) -> None:
     """One graph op on the vector unit (data movement: the interpreter, exact on integers)."""
     op = sim.op(x)
     args = [sim.tensor(t, x) for t in op.inputs]
-    out = VECTOR[op.kind](sim.ip, op, *args) if op.kind in VECTOR else run_op(op, args)
+    out = vu.KERNELS[op.kind](sim.ip, op, *args) if op.kind in vu.KERNELS else run_op(op, args)
     out = out if isinstance(out, tuple) else (out,)
     for name, value in zip(op.outputs, out):
         if name:
@@ -329,11 +326,11 @@ class _Attention:
     def __init__(self, ip, op, a: dict, q, k, v, mask=None, *, ready: int):
         bits, blk = ip.config.act_bits, ip.config.block
         self.op, self.a, self.ready, self.mask = op, a, ready, mask
-        self.qe, self.qs = fx.mx_quantize(q, bits, blk)
-        self.ke, self.ks = fx.mx_quantize(k, bits, blk)
-        self.ve, self.vs = fx.mx_quantize(v, bits, blk)
+        self.qe, self.qs = vu.mx(q, bits, blk)
+        self.ke, self.ks = vu.mx(k, bits, blk)
+        self.ve, self.vs = vu.mx(v, bits, blk)
         self.vmin = self.vs.min(axis=2)                                        # [B, Hkv, nb]
-        self.ms, self.ns = fx.multiplier(np.float64(op.attr("scale", 1.0 / math.sqrt(a["d"]))))
+        self.ms, self.ns = vu.scale_multiplier(float(op.attr("scale", 1.0 / math.sqrt(a["d"]))))
         self.emins: dict[int, np.ndarray] = {}
         self.z: dict[int, dict] = {}                # group -> key tile -> (Q16 scores, ready)
         self.p: dict[int, tuple] = {}               # group -> (Q15 probabilities [R, T], ready)
@@ -394,16 +391,16 @@ class _Attention:
         Returns (output, ready) once the last output tile is in."""
         if buf == BUF_SCORES:
             grp, kt = divmod(i, self.a["n_kt"])
-            fx.check_acc(acc, f"{self.op.name} scores")
-            z = fx.rshift_round(acc * self.ms, self.ns - self.emin(grp)[:, self.keys(kt)] + fx.Q)
+            vu.check(acc, f"{self.op.name} scores")
+            z = vu.round_shift(acc * self.ms, self.ns - self.emin(grp)[:, self.keys(kt)] + vu.Q16)
             self.z.setdefault(grp, {})[kt] = (z, end)
             return None
         grp, c = divmod(i, self.a["n_dt"])
         b, hk, hs = self.group(grp)
         w, a = self.a["width"], self.a
-        fx.check_acc(acc, f"{self.op.name} values", bits=63)
-        y = fx.rshift_round(acc, 15 - self.vmin[b, hk, (c * w) // a["block"]])
-        self.out[b, hs, :, c * w:(c + 1) * w] = fx.saturate32(y).reshape(a["rep"], a["queries"], w)
+        vu.check(acc, f"{self.op.name} values", vu.PV_BITS)
+        y = vu.round_shift(acc, 15 - self.vmin[b, hk, (c * w) // a["block"]])
+        self.out[b, hs, :, c * w:(c + 1) * w] = vu.clamp32(y).reshape(a["rep"], a["queries"], w)
         self.tiles += 1
         self.out_ready = max(self.out_ready, end)
         if self.tiles == a["groups"] * a["n_dt"]:
@@ -422,10 +419,9 @@ class _Attention:
         z = np.concatenate([tiles[kt][0] for kt in range(a["n_kt"])], axis=1)
         S, T = a["queries"], a["keys"]
         z = z.reshape(a["rep"], S, T)
-        if self.op.attr("causal", False):
-            z = np.where(np.tril(np.ones((S, T), bool), k=T - S), z, MASKED)
+        mask = None
         if self.mask is not None:
             b, _, hs = self.group(grp)
             mask = np.broadcast_to(self.mask, (a["batch"], a["heads"], S, T))[b, hs]
-            z = np.where(mask, z, MASKED) if mask.dtype == bool else np.where(mask <= MASKED // 2, MASKED, z + mask)
-        self.p[grp] = (softmax_q15(z).reshape(a["rows"], T), end)
+        z = vu.masked_scores(z, self.op.attr("causal", False), mask)
+        self.p[grp] = (vu.softmax(z).reshape(a["rows"], T), end)
