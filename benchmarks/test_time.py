@@ -34,7 +34,8 @@ def run(rev: str) -> tuple[float, str]:
         subprocess.run(["git", "-C", str(clone), "checkout", "--quiet", sha], check=True)
         env = {**env, "OPENBLAS_NUM_THREADS": "1", "CI": "true"}
         t0 = time.perf_counter()
-        p = subprocess.run([py, "-m", "pytest", "-q", "-n", "2", "-p", "no:cacheprovider"], cwd=clone, env=env,
+        # -P: the clone's own tapeout/ folder (the CLI sources) must not shadow the installed package
+        p = subprocess.run([py, "-P", "-m", "pytest", "-q", "-n", "2", "-p", "no:cacheprovider"], cwd=clone, env=env,
                            capture_output=True, text=True)
         dt = time.perf_counter() - t0
         tail = (p.stdout.strip().splitlines() or [""])[-1]
