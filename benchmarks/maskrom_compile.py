@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--model")
     ap.add_argument("--ref", help="also run this revision (before/after side by side)")
+    ap.add_argument("--rev", help="the 'after' revision (default: the working tree)")
     args = ap.parse_args()
     import smollm2
     from tapeout.compiler.qmodel import WORKERS
@@ -58,14 +59,18 @@ def main() -> None:
             sys.path.insert(0, str(REPO / "benchmarks"))
             import _ref
             ref_py, ref_env, _, sha = _ref.ref_env(args.ref)
+            new_py, new_env, after = sys.executable, None, "working tree"
+            if args.rev:
+                new_py, new_env, _, rsha = _ref.ref_env(args.rev)
+                after = f"{args.rev} ({rsha[:8]})"
             print(f"{'format':8s} {'before s':>9s} {'after s':>8s} {'ratio':>6s} {'before GiB':>11s} {'after GiB':>10s}"
-                  f"   before = {args.ref} ({sha[:8]}), after = working tree")
+                  f"   before = {args.ref} ({sha[:8]}), after = {after}")
         for fmt in args.format:
             if args.ref:
                 before, after = [], []
                 for i in range(args.repeat):
                     before.append(one(model, fmt, tmp / f"{fmt}-ref{i}", ref_py, ref_env))
-                    after.append(one(model, fmt, tmp / f"{fmt}{i}"))
+                    after.append(one(model, fmt, tmp / f"{fmt}{i}", new_py, new_env))
                 tb, ta = (statistics.median(r[0] for r in x) for x in (before, after))
                 mb, ma = (max(r[1] for r in x) for x in (before, after))
                 print(f"{fmt:8s} {tb:9.1f} {ta:8.1f} {ta / tb:6.2f} {mb:11.2f} {ma:10.2f}", flush=True)

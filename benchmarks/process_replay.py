@@ -78,6 +78,7 @@ def run(python: str, env: dict, case, model: Path, calib: Path, out: Path) -> di
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ref", default=None)
+    ap.add_argument("--rev", help="the new revision (default: the working tree)")
     ap.add_argument("--keep", help="keep the compiled folders here")
     ap.add_argument("--only", nargs="*", help="case names")
     ap.add_argument("--json", help="write the per-artifact comparison here")
@@ -86,20 +87,24 @@ def main() -> None:
                                                          "origin/main"], capture_output=True).returncode == 0
                        else "HEAD~1")
     ref_py, ref_env, _, sha = _ref.ref_env(ref)
+    new_py, new_env, new_name = sys.executable, _ref.current_env(), "working tree"
+    if args.rev:
+        new_py, new_env, _, nsha = _ref.ref_env(args.rev)
+        new_name = f"{args.rev} ({nsha[:10]})"
     mods = models()
     tmp = Path(args.keep or tempfile.mkdtemp(prefix="tapeout-replay-"))
     tmp.mkdir(parents=True, exist_ok=True)
     calib = tmp / "calib.npy"
     np.save(calib, (np.arange(64, dtype=np.int64) * 37 + 11) % 256)
     cases = [c for c in CASES if not args.only or c[0] in args.only]
-    print(f"process replay: working tree vs {ref} ({sha[:10]}), {len(cases)} cases")
+    print(f"process replay: {new_name} vs {ref} ({sha[:10]}), {len(cases)} cases")
     print(f"{'case':32s} {'artifacts':>9s} {'equal':>6s} {'changed':>8s} {'only new':>9s} {'only old':>9s}")
     detail, total_changed = {}, 0
     for case in cases:
         model = mods[case[1]]
         (tmp / "new").mkdir(exist_ok=True)
         (tmp / "old").mkdir(exist_ok=True)
-        new = run(sys.executable, _ref.current_env(), case, model, calib, tmp / "new" / case[0])
+        new = run(new_py, new_env, case, model, calib, tmp / "new" / case[0])
         old = run(ref_py, ref_env, case, model, calib, tmp / "old" / case[0])
         if "error" in new or "error" in old:
             print(f"{case[0]:32s} error: new {new.get('error')} old {old.get('error')}")
