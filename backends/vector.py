@@ -19,7 +19,7 @@ import numpy as np
 
 __all__ = ["VectorOverflow", "round_shift", "round_div", "clamp32", "bits_of", "floor_sqrt", "exact_matmul",
            "block_width", "mx", "mx_rows", "requant", "scale_multiplier", "exp_q30", "sigmoid", "softmax",
-           "masked_scores", "attention", "KERNELS", "MASKED", "Q16"]
+           "key_mask", "masked_scores", "attention", "KERNELS", "MASKED", "Q16"]
 
 Q16 = 16
 ACC_BITS, PV_BITS = 48, 63       # the accumulators' stated widths (signed)
@@ -183,6 +183,14 @@ def softmax(z) -> np.ndarray:
     return np.where(total > 0, round_div(e * (1 << 15), np.maximum(total, 1)), 0)
 
 
+def key_mask(op, mask):
+    """An attention's mask input as the kernels apply it: with ``key_mask`` a [B, T] input (the
+    chip's ``attention_mask``) whose non-zero entries keep key t of row b, as [B, 1, 1, T] flags."""
+    if mask is None or not op.attr("key_mask", False):
+        return mask
+    return (np.asarray(mask) != 0)[:, None, None, :]
+
+
 def masked_scores(z: np.ndarray, causal: bool, mask=None) -> np.ndarray:
     """A causal mask (lower-right aligned) and an explicit one: bool keeps True, a Q16 additive
     mask adds, entries at or below MASKED/2 (from -inf) mask."""
@@ -286,7 +294,7 @@ def attention(ip, op, q, k, v, mask=None):
     check(acc, f"{op.name} scores")
     M, n = scale_multiplier(float(op.attr("scale", 1.0 / math.sqrt(d))))
     z = round_shift(acc * M, n - low + Q16)
-    p = softmax(masked_scores(z, op.attr("causal", False), mask))
+    p = softmax(masked_scores(z, op.attr("causal", False), key_mask(op, mask)))
     out = np.zeros(q.shape[:-1] + (v.shape[-1],), np.int64)
     for j in range(v.shape[-1] // w):
         cols = slice(j * w, (j + 1) * w)

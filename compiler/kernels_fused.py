@@ -11,7 +11,8 @@ Semantics, shared with docs/ops.md:
   (``rotate_half``) or ``interleaved`` pairs.
 - ``attention(q, k, v[, mask])``: q ``[B, Hq, S, D]``, k/v ``[B, Hkv, T, D]`` with Hq a
   multiple of Hkv (grouped-query); ``softmax(q k^T * scale + mask) v``; ``causal`` adds the
-  lower-right-aligned causal mask; a bool mask keeps True positions, a float mask is added.
+  lower-right-aligned causal mask; a bool mask keeps True positions, a float mask is added; with ``key_mask`` the mask is
+  ``[B, T]`` (a graph input such as ``attention_mask``): key t of row b is kept iff it is non-zero.
 """
 from __future__ import annotations
 
@@ -127,6 +128,8 @@ def attention(op, q, k, v, mask=None):
     if op.attr("causal", False):
         keep = np.tril(np.ones((s, t), dtype=bool), k=t - s)
         scores = np.where(keep, scores, -np.inf)
+    if mask is not None and op.attr("key_mask", False):
+        mask = (np.asarray(mask) != 0)[:, None, None, :]         # [B, T] keep flags per key
     if mask is not None:
         scores = np.where(mask, scores, -np.inf) if mask.dtype == bool else scores + mask
     return (_softmax(scores) @ v).astype(dtype)

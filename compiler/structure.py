@@ -85,6 +85,8 @@ def find_layers(graph: Graph) -> list[dict[str, Any]]:
             "heads": int(q_shape[1]), "kv_heads": int(k_shape[1]), "head_dim": int(q_shape[-1]),
             "causal": bool(att.attr("causal", False)),
             "mask": len(att.inputs) > 3 and bool(att.inputs[3]),
+            "mask_kind": mask_kind(att),
+            "mask_input": att.inputs[3] if att.attr("key_mask", False) else None,
             "linears": {},
         }
         qkv = [_trace_back(graph, t) for t in att.inputs[:3]]
@@ -186,6 +188,15 @@ def _headline(s: dict[str, Any], params: int) -> str:
     return f"{text}, {', '.join(dims)}, {params / 1e6:.2f}M parameters"
 
 
+def mask_kind(att) -> str:
+    """How an attention masks its scores: causal, padding (a runtime key mask such as
+    ``attention_mask``), causal+padding, explicit (another mask tensor), or none."""
+    causal = bool(att.attr("causal", False))
+    has = len(att.inputs) > 3 and bool(att.inputs[3])
+    other = "padding" if att.attr("key_mask", False) else "explicit" if has else ""
+    return "+".join(k for k in ("causal" if causal else "", other) if k) or "none"
+
+
 def render_summary(summary: dict[str, Any], list_ops: bool = False) -> str:
     """The human-readable text of ``tapeout inspect``."""
     s = summary["structure"]
@@ -197,6 +208,9 @@ def render_summary(summary: dict[str, Any], list_ops: bool = False) -> str:
         lines.append("bound     " + ", ".join(f"{k}={v}" for k, v in summary["bindings"].items()))
     lines.append(f"params    {summary['parameters']:,} ({summary['weight_bytes'] / 2**20:.1f} MiB of weights)")
     lines.append(f"structure {s['headline']}")
+    kinds = sorted({(b["mask_kind"], b["mask_input"]) for b in s["blocks"]}, key=str)
+    if kinds:
+        lines.append("mask      " + "; ".join(k + (f" (runtime input {i!r})" if i else "") for k, i in kinds))
     lines.append("")
     if s["blocks"]:
         lines.append("layer  attention (heads/kv x dim)   mlp                    linears (in->out)")
@@ -204,9 +218,9 @@ def render_summary(summary: dict[str, Any], list_ops: bool = False) -> str:
             mlp = f"{b['mlp']['kind']} {b['mlp']['activation']}" if b["mlp"] else "-"
             lin = " ".join(f"{r}:{x['in']}->{x['out']}" for r, x in b["linears"].items())
             lines.append(f"{b['index']:5d}  {b['heads']:>3d}/{b['kv_heads']:<3d} x {b['head_dim']:<4d}"
-                         f"{' causal' if b['causal'] else '':14s}  {mlp:21s}  {lin}")
+                         f"{' ' + b['mask_kind'] if b['mask_kind'] != 'none' else '':16s}{mlp:21s}  {lin}")
         for x in s["other_linears"]:
-            lines.append(f"{x['role']:7s}linear {x['op']}: {x['in']}->{x['out']}")
+            lines.append(f"{x['role']:7s} linear {x['op']}: {x['in']}->{x['out']}")
         lines.append("")
     lines.append(f"ops ({summary['ops']} after fusion): " +
                  ", ".join(f"{k} {v}" for k, v in summary["histogram"].items()))

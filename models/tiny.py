@@ -2,14 +2,21 @@
 
 Families (built from `transformers` configs, seeded, deterministic):
 
-    llama  LlamaForCausalLM  hidden 64, 2 layers, 4 heads, 2 KV heads (GQA), MLP 128, vocab 256, untied head
-    gpt2   GPT2LMHeadModel   n_embd 64, 2 layers, 4 heads, vocab 256 (tied head)
-    bert   BertForMaskedLM   hidden 64, 2 layers, 4 heads, MLP 128, vocab 256
+    llama    LlamaForCausalLM    hidden 64, 2 layers, 4 heads, 2 KV heads (GQA), MLP 128, vocab 256, untied head
+    gpt2     GPT2LMHeadModel     n_embd 64, 2 layers, 4 heads, vocab 256 (tied head)
+    bert     BertForMaskedLM     hidden 64, 2 layers, 4 heads, MLP 128, vocab 256 (token types, erf GELU)
+    qwen2    Qwen2ForCausalLM    as llama, with biased q/k/v projections
+    mistral  MistralForCausalLM  as llama (sliding window longer than every tiny sequence)
+    neox     GPTNeoXForCausalLM  hidden 64, 2 layers, 4 heads, parallel residual, rotary on 1/4 of
+                                 each head, LayerNorm, GELU MLP 128 (Pythia's architecture)
+    phi3     Phi3ForCausalLM     hidden 64, 2 layers, 4 heads, 2 KV heads, fused qkv_proj and gate_up_proj
+    gemma    GemmaForCausalLM    hidden 64, 2 layers, 4 heads, 1 KV head, GeGLU (tanh GELU), embedding
+                                 scaled by sqrt(hidden), RMSNorm with gain offset (1 + w), tied head
 
 Exporters: ``dynamo`` (``torch.onnx.export(..., dynamo=True)``, default opset 20; 23 also works)
 and ``legacy`` (TorchScript exporter, ``dynamo=False``, default opset 17).
 
-Variants (all shapes static, batch 1):
+Variants (all shapes static; batch 1 unless ``batch``, then a ``-b<batch>`` name suffix):
 
     prefill  input_ids[1, seq_len] (+ attention_mask[1, seq_len] with mask=True) -> logits[1, seq_len, vocab]
     decode   (causal families only) input_ids[1, 1] (+ attention_mask[1, past_len + 1] with mask=True),
@@ -54,8 +61,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 
-FAMILIES = ("llama", "gpt2", "bert")
-CAUSAL = ("llama", "gpt2")
+FAMILIES = ("llama", "gpt2", "bert", "qwen2", "mistral", "neox", "phi3", "gemma")
+CAUSAL = ("llama", "gpt2", "qwen2", "mistral", "neox", "phi3", "gemma")
 EXPORTERS = ("dynamo", "legacy")
 VARIANTS = ("prefill", "decode")
 DEFAULT_OPSET = {"dynamo": 20, "legacy": 17}
@@ -100,6 +107,36 @@ def build_model(family: str):
             vocab_size=VOCAB, n_positions=128, n_embd=64, n_layer=2, n_head=4
         )
         cls = transformers.GPT2LMHeadModel
+    elif family in ("qwen2", "mistral"):
+        kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  tie_word_embeddings=False)
+        if family == "qwen2":
+            config, cls = transformers.Qwen2Config(**kw), transformers.Qwen2ForCausalLM
+        else:
+            config, cls = transformers.MistralConfig(**kw, sliding_window=64), transformers.MistralForCausalLM
+    elif family == "neox":
+        config = transformers.GPTNeoXConfig(
+            vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=128, rotary_pct=0.25, use_parallel_residual=True,
+            max_position_embeddings=128, tie_word_embeddings=False,
+        )
+        cls = transformers.GPTNeoXForCausalLM
+    elif family == "phi3":
+        config = transformers.Phi3Config(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+            original_max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            tie_word_embeddings=False,
+        )
+        cls = transformers.Phi3ForCausalLM
+    elif family == "gemma":
+        config = transformers.GemmaConfig(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=128,
+            hidden_activation="gelu_pytorch_tanh", pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        )
+        cls = transformers.GemmaForCausalLM
     elif family == "bert":
         config = transformers.BertConfig(
             vocab_size=VOCAB,
@@ -194,31 +231,32 @@ def make_wrapper(model, variant: str, mask: bool, internal_mask: bool):
     return Decode()
 
 
-def example_args(model, variant: str, seq_len: int, past_len: int, mask: bool, seed: int = SEED):
+def example_args(model, variant: str, seq_len: int, past_len: int, mask: bool, seed: int = SEED,
+                 batch: int = 1):
     """(args, input_names, output_names) for exporting ``make_wrapper(model, variant, ...)``."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
     if variant == "prefill":
-        ids = torch.randint(0, vocab, (1, seq_len), generator=gen)
+        ids = torch.randint(0, vocab, (batch, seq_len), generator=gen)
         args: list[Any] = [ids]
         names = ["input_ids"]
         if mask:
-            args.append(torch.ones((1, seq_len), dtype=torch.long))
+            args.append(torch.ones((batch, seq_len), dtype=torch.long))
             names.append("attention_mask")
         return tuple(args), names, ["logits"]
     layers, kv_heads, head_dim = kv_geometry(model.config)
-    ids = torch.randint(0, vocab, (1, 1), generator=gen)
+    ids = torch.randint(0, vocab, (batch, 1), generator=gen)
     args = [ids]
     names = ["input_ids"]
     if mask:
-        args.append(torch.ones((1, past_len + 1), dtype=torch.long))
+        args.append(torch.ones((batch, past_len + 1), dtype=torch.long))
         names.append("attention_mask")
     outs = ["logits"]
     for i in range(layers):
         for kind in ("key", "value"):
-            args.append(torch.randn((1, kv_heads, past_len, head_dim), generator=gen))
+            args.append(torch.randn((batch, kv_heads, past_len, head_dim), generator=gen))
             names.append(f"past_key_values.{i}.{kind}")
             outs.append(f"present.{i}.{kind}")
     return tuple(args), names, outs
@@ -351,9 +389,12 @@ def atomic_export(final: Path, write) -> Path:
 
 
 def model_name(
-    family: str, exporter: str, opset: int, variant: str, seq_len: int, past_len: int, mask: bool
+    family: str, exporter: str, opset: int, variant: str, seq_len: int, past_len: int, mask: bool,
+    batch: int = 1,
 ) -> str:
     name = f"{family}-{exporter}-op{opset}-{variant}"
+    if batch != 1:
+        name += f"-b{batch}"
     if variant == "prefill" and seq_len != DEFAULT_SEQ_LEN:
         name += f"-s{seq_len}"
     if variant == "decode" and past_len != DEFAULT_PAST_LEN:
@@ -373,13 +414,14 @@ def export(
     out_dir: Path | None = None,
     *,
     mask: bool = False,
+    batch: int = 1,
     force: bool = False,
 ) -> Path:
     """Export a tiny model to ONNX (cached) and return the path of the single ``.onnx`` file.
 
     ``opset`` defaults to 20 for ``dynamo`` and 17 for ``legacy``. ``seq_len`` is the prefill
     length; ``past_len`` the cached length of a decode step (which feeds one token). ``mask``
-    adds an ``attention_mask`` graph input. ``force`` re-exports even if the file exists.
+    adds an ``attention_mask`` graph input; ``batch`` the batch size. ``force`` re-exports even if the file exists.
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
@@ -389,11 +431,11 @@ def export(
         raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
     if variant == "decode" and family not in CAUSAL:
         raise ValueError(f"variant 'decode' needs a causal family {CAUSAL}, not {family!r}")
-    if seq_len < 1 or past_len < 1:
-        raise ValueError("seq_len and past_len must be >= 1")
+    if seq_len < 1 or past_len < 1 or batch < 1:
+        raise ValueError("seq_len, past_len and batch must be >= 1")
     opset = DEFAULT_OPSET[exporter] if opset is None else int(opset)
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir()
-    path = out_dir / model_name(family, exporter, opset, variant, seq_len, past_len, mask)
+    path = out_dir / model_name(family, exporter, opset, variant, seq_len, past_len, mask, batch)
     if path.exists() and not force:
         return path
 
@@ -402,7 +444,7 @@ def export(
             model = build_model(family)
             internal_mask = exporter == "legacy" and not mask and family in CAUSAL
             wrapper = make_wrapper(model, variant, mask, internal_mask).eval()
-            args, in_names, out_names = example_args(model, variant, seq_len, past_len, mask)
+            args, in_names, out_names = example_args(model, variant, seq_len, past_len, mask, batch=batch)
             torch_export(
                 wrapper,
                 args,
@@ -633,6 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN)
     ap.add_argument("--past-len", type=int, default=DEFAULT_PAST_LEN)
     ap.add_argument("--mask", action="store_true", help="make attention_mask a graph input")
+    ap.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     ap.add_argument("--out-dir", type=Path, default=None)
     ap.add_argument("--force", action="store_true", help="re-export even if cached")
     ap.add_argument("--check", action="store_true", help="run it in onnxruntime and print the op inventory")
@@ -640,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     path = export(
         a.family, a.exporter, a.opset, a.variant, a.seq_len, a.past_len, a.out_dir,
-        mask=a.mask, force=a.force,
+        mask=a.mask, batch=a.batch, force=a.force,
     )
     dt = time.perf_counter() - t0
     if a.check:

@@ -422,6 +422,6 @@ class _Attention:
         mask = None
         if self.mask is not None:
             b, _, hs = self.group(grp)
-            mask = np.broadcast_to(self.mask, (a["batch"], a["heads"], S, T))[b, hs]
+            mask = np.broadcast_to(vu.key_mask(self.op, self.mask), (a["batch"], a["heads"], S, T))[b, hs]
         z = vu.masked_scores(z, self.op.attr("causal", False), mask)
         self.p[grp] = (vu.softmax(z).reshape(a["rows"], T), end)

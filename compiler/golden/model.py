@@ -293,6 +293,8 @@ def k_attention(gm: Golden, op: Op, q, k, v, mask=None):
     if op.attr("causal", False):
         keep = np.tril(np.ones((s_len, t_len), bool), k=t_len - s_len)
         z = np.where(keep, z, MASKED)
+    if mask is not None and op.attr("key_mask", False):
+        mask = (mask != 0)[:, None, None, :]                                 # [B, T] keep flags
     if mask is not None:
         z = np.where(mask, z, MASKED) if mask.dtype == bool else np.where(mask <= MASKED // 2, MASKED, z + mask)
     p = softmax_q15(z)                                                       # Q15

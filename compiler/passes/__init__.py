@@ -66,7 +66,7 @@ PIPELINES: dict[str, list[str]] = {
     "fuse": [
         "fold-constants", "eliminate-no-ops", "dead-code",
         "fuse-linear", "fuse-rmsnorm", "fuse-layernorm", "fuse-gelu", "fuse-silu",
-        "fuse-rope", "fuse-attention", "fuse-mlp", "dead-code",
+        "fuse-rope", "fuse-attention", "fuse-mask", "fuse-mlp", "dead-code",
     ],
 }
 

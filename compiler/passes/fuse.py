@@ -22,7 +22,7 @@ from typing import ClassVar
 import networkx as nx
 import numpy as np
 
-from ..interp import run_op
+from ..interp import OpError, run_op
 from ..ir import Graph, Op, TensorInfo
 from ..kernels_fused import gelu_fn, silu_fn
 from . import register
@@ -684,3 +684,147 @@ class FuseAttention:
         graph.remove_op(op.name)
         graph.add_op(Op("attention", graph.fresh_name(f"attention_{op.name}"), tuple(inputs), (outs[0],), attrs))
         return True
+
+
+# --- runtime masks ---------------------------------------------------------------------------
+MASK_PLUMBING_CAP = 400          # ops between a mask input and an attention: exporters use ~10-60
+
+
+def _ancestors(graph: Graph, t: str, cap: int = MASK_PLUMBING_CAP) -> tuple[list[Op], set[str]] | None:
+    """The ops computing ``t`` (in graph order) and the graph inputs they read; None past ``cap``."""
+    seen: set[str] = set()
+    sources: set[str] = set()
+    stack = [t]
+    while stack:
+        x = stack.pop()
+        p = graph.producer.get(x)
+        if p is None:
+            if x in graph.inputs:
+                sources.add(x)
+            continue
+        if p in seen:
+            continue
+        seen.add(p)
+        if len(seen) > cap:
+            return None
+        op = graph.op(p)
+        if op.kind in ("linear", "attention", "MatMul", "Gemm", "Softmax"):
+            return None                          # a computed bias (ALiBi, a learned mask): not plumbing
+        stack.extend(i for i in op.inputs if i)
+    return [op for op in graph.ops if op.name in seen], sources
+
+
+def _eval(graph: Graph, ops: list[Op], feeds: dict[str, np.ndarray], out: str) -> np.ndarray:
+    env = dict(feeds)
+    for op in ops:
+        args = [None if not i else env[i] if i in env else graph.constants[i] for i in op.inputs]
+        for name, v in zip(op.outputs, run_op(op, args)):
+            if name:
+                env[name] = v
+    return env[out]
+
+
+def _keep(value: np.ndarray) -> np.ndarray | None:
+    """A mask value as keep flags: bool as is; additive float 0 = keep, <= -1e4 = masked (an
+    exporter's finfo.min or -inf or -10000); anything else (a bias) is not a mask."""
+    if value.dtype == bool:
+        return value
+    if value.dtype.kind != "f":
+        return None
+    keep, masked = value == 0, value <= -1e4
+    return keep if bool(np.all(keep | masked)) else None
+
+
+def probe_masks(shape: tuple[int, ...], seed: int = 0) -> list[np.ndarray]:
+    """Keep patterns [B, T] that pin down a per-key mask: all kept, none kept, each key dropped
+    alone, left and right padding, and seeded random patterns differing per row."""
+    b, t = shape
+    out = [np.ones(shape, bool), np.zeros(shape, bool)]
+    for j in range(t):
+        m = np.ones(shape, bool)
+        m[:, j] = False
+        out.append(m)
+    for n in range(1, t):
+        out.append(np.arange(t)[None, :].repeat(b, 0) >= n)          # left padding
+        out.append(np.arange(t)[None, :].repeat(b, 0) < t - n)       # right padding
+    rng = np.random.default_rng(seed)
+    out += [rng.random(shape) < 0.6 for _ in range(4)]
+    return out
+
+
+def classify_mask(graph: Graph, attn: Op) -> tuple[str, bool] | None:
+    """(mask input, causal) when the attention's 4th input is the graph input ``mask`` pushed
+    through plumbing into keep[b, h, s, t] = mask[b, t] != 0 (and s, t causal when ``causal``),
+    checked by probing; None when it is anything else."""
+    if len(attn.inputs) < 4 or not attn.inputs[3] or graph.is_constant(attn.inputs[3]):
+        return None
+    found = _ancestors(graph, attn.inputs[3])
+    if found is None:
+        return None
+    ops, sources = found
+    if len(sources) != 1:
+        return None
+    src = next(iter(sources))
+    info = graph.tensors[src]
+    q, k = graph.tensors[attn.inputs[0]].shape, graph.tensors[attn.inputs[1]].shape
+    if info.shape is None or len(info.shape) != 2 or not q or not k or len(q) != 4:
+        return None
+    b, t = info.shape
+    s = q[2]
+    if b != q[0] or t != k[2]:
+        return None
+    tril = np.tril(np.ones((s, t), bool), k=t - s)
+    causal = None
+    try:
+        for am in probe_masks((b, t)):
+            got = _eval(graph, ops, {src: am.astype(info.dtype)}, attn.inputs[3])
+            keep = _keep(np.asarray(got))
+            if keep is None:
+                return None
+            keep = np.broadcast_to(keep, (b, q[1], s, t))
+            if causal is None:                    # the all-kept probe decides causal or not
+                if np.all(keep):
+                    causal = False
+                elif np.all(keep == tril):
+                    causal = True
+                else:
+                    return None
+            want = am[:, None, None, :] & (tril if causal else True)
+            # rows with no key kept: an exporter may unmask them (to avoid NaN); the fused
+            # softmax gives such a row 0 whatever the mask, so they are not compared
+            live = np.broadcast_to(want.any(axis=-1, keepdims=True), keep.shape)
+            if not np.array_equal(keep[live], np.broadcast_to(want, keep.shape)[live]):
+                return None
+    except (OpError, ValueError, TypeError, KeyError, IndexError):
+        return None
+    return src, bool(causal)
+
+
+@register
+@dataclass(frozen=True)
+class FuseMask:
+    """A padding (and causal) mask computed from a graph input -> the attention reads that input.
+
+    Exporters turn ``attention_mask[B, T]`` into a [B, 1, S, T] additive or bool mask through
+    Cast, Equal, And, Where, GatherND, Expand, ... . When probing shows the result is exactly
+    "key t of row b is kept iff mask[b, t] != 0" (and the causal triangle), the attention takes
+    the mask input itself with ``key_mask`` set, and the plumbing goes to ``dead-code``. The
+    mask stays a runtime input of the chip; a constant mask was already folded by
+    ``fuse-attention``.
+    """
+
+    name: ClassVar[str] = "fuse-mask"
+
+    def __call__(self, graph: Graph) -> bool:
+        changed = False
+        for op in list(graph.ops):
+            if op.kind != "attention" or op.attr("key_mask", False):
+                continue
+            found = classify_mask(graph, op)
+            if found is None:
+                continue
+            src, causal = found
+            attrs = {**dict(op.attrs), "causal": causal or bool(op.attr("causal", False)), "key_mask": True}
+            graph.replace_op(op.replace(inputs=(*op.inputs[:3], src), attrs=attrs))
+            changed = True
+        return changed
