@@ -14,7 +14,7 @@ import numpy as np
 
 from .errors import TapeoutError
 from .golden.model import Golden, GoldenConfig
-from .interp import run_op
+from .interp import run, run_op
 from .ir import Graph, Op
 from .program import IntegerProgram, Interface
 from .quant import QuantTensor, quantize
@@ -143,6 +143,63 @@ def calibrate(graph: Graph, token_windows: Iterable[np.ndarray], *, hessian: boo
     if count == 0:
         raise TapeoutError("calibration text is shorter than one window of the model's sequence "
                            "length; give a longer --calib text", file=graph.meta.get("file"))
+    stats.tokens = count
+    stats.act_sq = {k: v / count for k, v in sums.items()}
+    stats.hessian = {k: v / count for k, v in hs.items()}
+    return stats
+
+
+DECODE_CALIB_STEPS = 512     # decode steps a decode export calibrates on (one token each)
+
+
+def calibrate_decode(graph: Graph, ids: np.ndarray, *, hessian: bool = False,
+                     progress: Callable[[int], None] | None = None) -> CalibStats:
+    """Calibration for a decode export (one token in, a KV cache of fixed length P): the token
+    ids are fed one step at a time, each step's ``present`` cache (oldest entry dropped) is the
+    next step's past. The cache starts at zeros; with an ``attention_mask`` input, the slots not
+    yet filled are masked, so the steps see exactly the tokens fed so far. At most
+    DECODE_CALIB_STEPS tokens."""
+    from .program import Interface
+    itf = Interface.of(graph)
+    wanted = {op.inputs[0] for op in linear_ops(graph)}
+    stats = CalibStats()
+    sums: dict[str, np.ndarray] = {}
+    hs: dict[str, np.ndarray] = {}
+
+    def keep(name: str, value: np.ndarray) -> None:
+        if name in wanted:
+            x = np.asarray(value, np.float64).reshape(-1, value.shape[-1])
+            sums[name] = sums.get(name, 0) + np.sum(x * x, axis=0)
+            if hessian:
+                hs[name] = hs.get(name, 0) + x.T @ x
+
+    ids = np.asarray(ids).reshape(-1)[:DECODE_CALIB_STEPS]
+    if len(itf.kv_inputs) != len(itf.kv_outputs) or itf.tokens is None:
+        raise TapeoutError("a decode export calibrates with its KV-cache outputs fed back as inputs; this "
+                           f"one has inputs {graph.inputs} and outputs {graph.outputs}", file=graph.meta.get("file"))
+    past = {n: np.zeros(graph.tensors[n].shape, np.float32) for n in itf.kv_inputs}
+    p_len = itf.past
+    count = 0
+    for step, tok in enumerate(ids):
+        feeds = dict(past)
+        for name in graph.inputs:
+            info = graph.tensors[name]
+            if name == itf.tokens:
+                feeds[name] = np.full(info.shape, tok, info.dtype)
+            elif name == itf.mask:
+                t = info.shape[-1]
+                feeds[name] = np.broadcast_to(np.arange(t) >= t - 1 - min(step, p_len), info.shape).astype(info.dtype)
+            elif name == itf.positions:
+                feeds[name] = np.full(info.shape, p_len, info.dtype)
+            elif name not in feeds:
+                feeds[name] = np.zeros(info.shape, info.dtype)
+        outs = run(graph, feeds, outputs=list(itf.kv_outputs), keep=keep)
+        past = {i: np.ascontiguousarray(outs[o][..., 1:, :]) for i, o in zip(itf.kv_inputs, itf.kv_outputs)}
+        count += int(np.prod(graph.tensors[itf.tokens].shape))
+        if progress:
+            progress(step)
+    if count == 0:
+        raise TapeoutError("no calibration tokens", file=graph.meta.get("file"))
     stats.tokens = count
     stats.act_sq = {k: v / count for k, v in sums.items()}
     stats.hessian = {k: v / count for k, v in hs.items()}

@@ -18,14 +18,16 @@ Layout under ``<cache>/smollm2/`` (``<cache>`` = ``$TAPEOUT_CACHE`` or ``<repo>/
 
 Graph I/O is the one of ``models/tiny.py``: prefill ``input_ids[1, S] -> logits[1, S, 49152]``;
 decode ``input_ids[1, 1], past_key_values.{i}.key/.value[1, 3, N, 64] -> logits[1, 1, 49152],
-present.{i}.key/.value[1, 3, N + 1, 64]`` for i in 0..29. No attention_mask input (causal).
+present.{i}.key/.value[1, 3, N + 1, 64]`` for i in 0..29. No attention_mask input (causal) unless
+``mask`` (``--mask``, a ``-mask`` name suffix): then ``attention_mask[1, S]`` (prefill) or
+``[1, N + 1]`` (decode) is a graph input, as users export it.
 
 Python API: ``export(variant="prefill", seq_len=16, past_len=16, exporter="dynamo", opset=None)``
 returns the ``.onnx`` path (cached; verified against torch after a fresh export).
 
 CLI::
 
-    python models/smollm2.py [--seq-len 16] [--variant decode --past-len 16] [--verify] [--force]
+    python models/smollm2.py [--seq-len 16] [--variant decode --past-len 16] [--mask] [--verify] [--force]
 """
 
 from __future__ import annotations
@@ -151,7 +153,7 @@ def save_tokenizer(tokenizer, out_dir: Path) -> Path:
 # --------------------------------------------------------------------------- export
 
 
-def model_name(variant: str, seq_len: int, past_len: int, exporter: str, opset: int) -> str:
+def model_name(variant: str, seq_len: int, past_len: int, exporter: str, opset: int, mask: bool = False) -> str:
     name = BASE_NAME
     if (exporter, opset) != ("dynamo", 20):
         name += f"-{exporter}-op{opset}"
@@ -160,7 +162,7 @@ def model_name(variant: str, seq_len: int, past_len: int, exporter: str, opset: 
             name += f"-s{seq_len}"
     else:
         name += f"-decode-p{past_len}"
-    return name + ".onnx"
+    return name + ("-mask" if mask else "") + ".onnx"
 
 
 def onnx_path(
@@ -170,11 +172,12 @@ def onnx_path(
     exporter: str = "dynamo",
     opset: int | None = None,
     out_dir: Path | None = None,
+    mask: bool = False,
 ) -> Path:
     """Where ``export`` with these arguments puts (or has put) the ``.onnx`` file."""
     opset = tiny.DEFAULT_OPSET[exporter] if opset is None else int(opset)
     d = Path(out_dir) if out_dir is not None else cache_dir()
-    return d / model_name(variant, seq_len, past_len, exporter, opset)
+    return d / model_name(variant, seq_len, past_len, exporter, opset, mask)
 
 
 def write_onnx(
@@ -185,6 +188,7 @@ def write_onnx(
     past_len: int = DEFAULT_PAST_LEN,
     exporter: str = "dynamo",
     opset: int | None = None,
+    mask: bool = False,
 ) -> None:
     """Write ``model`` (a LlamaForCausalLM in eval mode) to ``path`` + ``<path>.data``, the way
     ``export`` does (same wrapper, example inputs, exporter, opset, external data).
@@ -194,9 +198,9 @@ def write_onnx(
     """
     opset = tiny.DEFAULT_OPSET[exporter] if opset is None else int(opset)
     with tiny.quiet():
-        internal_mask = exporter == "legacy"
-        wrapper = tiny.make_wrapper(model, variant, False, internal_mask).eval()
-        args, in_names, out_names = tiny.example_args(model, variant, seq_len, past_len, False)
+        internal_mask = exporter == "legacy" and not mask
+        wrapper = tiny.make_wrapper(model, variant, mask, internal_mask).eval()
+        args, in_names, out_names = tiny.example_args(model, variant, seq_len, past_len, mask)
         tiny.torch_export(wrapper, args, path, exporter=exporter, opset=opset,
                           input_names=in_names, output_names=out_names, external_data=True)
 
@@ -209,6 +213,7 @@ def export(
     opset: int | None = None,
     out_dir: Path | None = None,
     *,
+    mask: bool = False,
     force: bool = False,
     verify: bool = True,
 ) -> Path:
@@ -222,7 +227,7 @@ def export(
     if exporter not in tiny.EXPORTERS:
         raise ValueError(f"unknown exporter {exporter!r}; choose from {tiny.EXPORTERS}")
     opset = tiny.DEFAULT_OPSET[exporter] if opset is None else int(opset)
-    path = onnx_path(variant, seq_len, past_len, exporter, opset, out_dir)
+    path = onnx_path(variant, seq_len, past_len, exporter, opset, out_dir, mask)
     d = path.parent
     if path.exists() and (d / "tokenizer.json").exists() and not force:
         return path
@@ -242,7 +247,7 @@ def export(
     t0 = time.perf_counter()
 
     tiny.atomic_export(
-        path, lambda tmp: write_onnx(model, tmp, variant, seq_len, past_len, exporter, opset))
+        path, lambda tmp: write_onnx(model, tmp, variant, seq_len, past_len, exporter, opset, mask))
     data = path.with_name(path.name + ".data")
     log(f"exported in {time.perf_counter() - t0:.1f}s: {path.name} {_mib(path)}, "
         f"{data.name} {_mib(data) if data.exists() else 'missing'}")
@@ -299,7 +304,10 @@ def check(path: Path, variant: str | None = None, *, model=None, tokenizer=None)
         with torch.no_grad():
             want = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].numpy()
         t0 = time.perf_counter()
-        got = sess.run(["logits"], {"input_ids": feed})[0][0, n - 1]
+        feed_all = {"input_ids": feed}
+        if "attention_mask" in shapes:      # the padding is masked as well (it already cannot matter)
+            feed_all["attention_mask"] = (np.arange(seq) < n)[None].astype(np.int64)
+        got = sess.run(["logits"], feed_all)[0][0, n - 1]
         t_run = time.perf_counter() - t0
         context = ids
     else:
@@ -310,6 +318,8 @@ def check(path: Path, variant: str | None = None, *, model=None, tokenizer=None)
                         use_cache=True)
             want = model(input_ids=torch.tensor([context]), use_cache=False).logits[0, -1].numpy()
         feeds = {"input_ids": np.array([[context[-1]]], dtype=np.int64)}
+        if "attention_mask" in shapes:
+            feeds["attention_mask"] = np.ones((1, past_len + 1), np.int64)
         for i, layer in enumerate(out.past_key_values.layers):
             feeds[f"past_key_values.{i}.key"] = layer.keys.numpy()
             feeds[f"past_key_values.{i}.value"] = layer.values.numpy()
@@ -340,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--exporter", choices=tiny.EXPORTERS, default="dynamo")
     ap.add_argument("--opset", type=int, default=None, help="default: 20 (dynamo), 17 (legacy)")
     ap.add_argument("--out-dir", type=Path, default=None)
+    ap.add_argument("--mask", action="store_true", help="make attention_mask a graph input")
     ap.add_argument("--force", action="store_true", help="re-export even if cached")
     ap.add_argument("--verify", action="store_true", help="verify against torch even if cached")
     ap.add_argument("--no-verify", action="store_true", help="skip verification after export")
@@ -347,9 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     cached = not a.force and onnx_path(
-        a.variant, a.seq_len, a.past_len, a.exporter, a.opset, a.out_dir).exists()
+        a.variant, a.seq_len, a.past_len, a.exporter, a.opset, a.out_dir, a.mask).exists()
     path = export(a.variant, a.seq_len, a.past_len, a.exporter, a.opset, a.out_dir,
-                  force=a.force, verify=not a.no_verify)
+                  mask=a.mask, force=a.force, verify=not a.no_verify)
     if a.verify and cached:
         check(path, a.variant)
     if a.inventory:

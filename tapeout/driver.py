@@ -107,16 +107,13 @@ def quantize(graph, args: argparse.Namespace, model: Path, progress: Progress, c
     """Calibrate (when the format needs it) and quantise ``graph``. Returns the quantised model,
     the calibration statistics and a record of the calibration inputs (for the manifest)."""
     from tapeout.compiler.program import Interface
-    from tapeout.compiler.qmodel import calibrate, quantize_model, windows
+    from tapeout.compiler.qmodel import DECODE_CALIB_STEPS, calibrate, calibrate_decode, quantize_model, windows
     config = config or quant_config(args)
     stats, calib = None, None
     if config.needs_calibration:
         itf = Interface.of(graph)
-        if itf.kv_inputs:
-            raise TapeoutError(f"{config.fmt} calibrates on prefill windows, and this is a decode export (KV-cache "
-                               "inputs); compile a prefill export, or use a format without calibration "
-                               "(nvfp4, mxfp4, int4, int8)", file=str(model))
-        seq = int(graph.tensors[itf.require_tokens(graph)].shape[-1])
+        decode = bool(itf.kv_inputs)
+        seq = 1 if decode else int(graph.tensors[itf.require_tokens(graph)].shape[-1])
         if args.calib_tokens:
             ids, source = read_ids(args.calib_tokens), args.calib_tokens
             calib = {"kind": "token ids", "file": Path(source).name, "sha256": sha256_file(Path(source))}
@@ -129,13 +126,19 @@ def quantize(graph, args: argparse.Namespace, model: Path, progress: Progress, c
                      "sha256": sha256_file(Path(source)), "tokenizer_sha256": sha256_file(tok_path)}
         check_ids(ids, graph, "calibration", source)
         ids = ids[: args.calib_max_tokens]
-        wins = windows(ids, seq)
-        if not wins:
-            raise TapeoutError(f"calibration text has {len(ids)} tokens, fewer than one window of {seq}; "
-                               "give a longer --calib text", file=source)
-        with progress.step(f"calibrating on {len(wins) * seq} tokens"):
-            stats = calibrate(graph, wins, hessian=config.gptq)
-        calib["tokens"] = int(len(wins) * seq)
+        if decode:                      # one token per step, the KV cache fed back (qmodel.calibrate_decode)
+            ids = ids[:DECODE_CALIB_STEPS]
+            with progress.step(f"calibrating on {len(ids)} decode steps"):
+                stats = calibrate_decode(graph, ids, hessian=config.gptq)
+            calib["tokens"] = int(len(ids))
+        else:
+            wins = windows(ids, seq)
+            if not wins:
+                raise TapeoutError(f"calibration text has {len(ids)} tokens, fewer than one window of {seq}; "
+                                   "give a longer --calib text", file=source)
+            with progress.step(f"calibrating on {len(wins) * seq} tokens"):
+                stats = calibrate(graph, wins, hessian=config.gptq)
+            calib["tokens"] = int(len(wins) * seq)
     with progress.step(f"quantising to {config.fmt}"):
         qm = quantize_model(graph, config, stats, summary=summary)
     return qm, stats, calib

@@ -17,6 +17,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         tiny.export(fam, exp, opset, var)
     for seq in (8, 9):  # the golden KV-cache test pairs prefill(8)+decode with prefill(9)
         tiny.export("llama", "dynamo", 20, "prefill", seq_len=seq)
+    from test_masks import FAST  # masked exports of the default tier (tests/test_masks.py)
+    for fam, exp, var in FAST:
+        tiny.export(fam, exp, None, var, mask=True)
+    tiny.export("bert", "dynamo", 20, "prefill", mask=True, batch=2)
 
 
 @pytest.fixture(scope="session")

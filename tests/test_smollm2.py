@@ -175,3 +175,31 @@ def test_one_smollm2_layer_bit_exact_under_verilator(tmp_path):
     assert roles == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     assert all(x["rtl"] == "base" for x in r["per_linear"])
     assert r["checked"] == 16 * (576 + 192 + 192 + 576 + 1536 + 1536 + 576) and r["mismatches"] == 0
+
+
+def test_smollm2_with_its_mask_whole_model_fabric_equals_golden():
+    """SmolLM2 exported with attention_mask, as users export it: the mask fuses into every
+    attention, and the fabric model equals golden on a left-padded prompt."""
+    from tapeout.backends.maskrom.base import choose_base
+    from tapeout.backends.maskrom.compile import specs_of
+    from tapeout.backends.maskrom.fabric import fabric_model
+    from tapeout.backends.maskrom.layers import build_layers
+    from tapeout.compiler.qmodel import QuantConfig, quantize_model
+    mod = load_models_module("smollm2")
+    g = frontend(mod.export(mask=True))
+    att = [op for op in g.ops if op.kind == "attention"]
+    assert len(att) == 30 and all(op.inputs[3] == "attention_mask" and op.attr("key_mask") for op in att)
+    qm = quantize_model(g, QuantConfig("nvfp4", quantize_head=True), None)
+    specs = specs_of(qm.program())
+    layers = build_layers(choose_base("nvfp4", [s.shape for s in specs], 0), specs)
+    x, n = prompt_ids(mod.load_tokenizer())
+    m = np.zeros((1, 16), np.int64)
+    m[0, 16 - n:] = 1                                   # left padding
+    x = np.roll(x, 16 - n, axis=1)
+    feeds = {"input_ids": x, "attention_mask": m}
+    fab = fabric_model(g, layers).run(feeds)["logits"]
+    gold = qm.golden().run(feeds)["logits"]
+    assert fab.size == 16 * 49152 and np.array_equal(fab, gold)
+    # the last position's greedy token equals the float model's
+    ref = run(g, feeds)["logits"]
+    assert int(np.argmax(gold[0, -1])) == int(np.argmax(ref[0, -1]))
