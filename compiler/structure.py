@@ -102,8 +102,11 @@ def find_layers(graph: Graph) -> list[dict[str, Any]]:
         layers.append(layer)
         assigned.update(op.name for op in layer["linears"].values())
     # MLP: the linears between one block's o_proj and the next attention's projections
+    prev_end = 0
     for idx, layer in enumerate(layers):
-        start = position[layer["linears"]["o_proj"].name] if "o_proj" in layer["linears"] else position[layer["attention"]]
+        # from the end of the previous block: a parallel-residual MLP (GPT-NeoX) may sort before
+        # this block's attention projections
+        start = prev_end if idx else 0
         end = min((position[op.name] for op in layers[idx + 1]["linears"].values()), default=len(ops)) \
             if idx + 1 < len(layers) else len(ops)
         gmlp = next((op for op in ops[start:end] if op.kind == "gated_mlp"), None)
@@ -119,15 +122,21 @@ def find_layers(graph: Graph) -> list[dict[str, Any]]:
                 linear_dims(graph, mlp_linears[1])[1] == linear_dims(graph, mlp_linears[0])[0]:
             act = next((op.kind for op in ops[position[mlp_linears[0].name]:position[mlp_linears[1].name]]
                         if op.kind in ("gelu", "silu", "Relu", "Tanh")), "none")
-            layer["mlp"] = {"kind": "mlp", "activation": act}
-            layer["linears"]["fc_in"], layer["linears"]["fc_out"] = mlp_linears[0], mlp_linears[1]
+            if linear_dims(graph, mlp_linears[0])[1] == 2 * linear_dims(graph, mlp_linears[1])[0]:
+                # one linear makes gate and up, split in two (Phi-3's gate_up_proj)
+                layer["mlp"] = {"kind": "gated_mlp", "activation": act, "fused_gate_up": True}
+                layer["linears"]["gate_up_proj"], layer["linears"]["down_proj"] = mlp_linears[0], mlp_linears[1]
+            else:
+                layer["mlp"] = {"kind": "mlp", "activation": act}
+                layer["linears"]["fc_in"], layer["linears"]["fc_out"] = mlp_linears[0], mlp_linears[1]
         else:
             layer["mlp"] = None
         if layer["mlp"] is not None:
-            inter = next(linear_dims(graph, op)[1] for r, op in layer["linears"].items()
-                         if r in ("gate_proj", "up_proj", "fc_in"))
+            inter = next(linear_dims(graph, op)[1] // (2 if r == "gate_up_proj" else 1)
+                         for r, op in layer["linears"].items() if r in ("gate_proj", "up_proj", "fc_in", "gate_up_proj"))
             layer["mlp"]["intermediate"] = inter
         assigned.update(op.name for op in layer["linears"].values())
+        prev_end = max([position[op.name] + 1 for op in layer["linears"].values()] + [position[layer["attention"]] + 1])
         layer["linears"] = {r: _linear_info(graph, op) for r, op in layer["linears"].items()}
     return layers
 

@@ -208,3 +208,42 @@ def test_key_mask_semantics_in_golden_and_the_float_kernel():
     v2[..., 1, :] += 5
     z2 = gm.run({"q": fx.to_fixed(q), "k": fx.to_fixed(k), "v": fx.to_fixed(v2), "attention_mask": m})["o"]
     assert np.array_equal(z, z2)
+
+
+def test_rotary_tables_computed_from_runtime_positions_fold_into_a_gathered_table():
+    """optimum-style RoPE: cos/sin = cos/sin(position_ids x inv_freq) at run time."""
+    g = Graph("p")
+    g.inputs, g.outputs = ["position_ids", "x"], ["y"]
+    g.tensors["position_ids"] = TensorInfo((1, 6), np.int64)
+    g.tensors["x"] = TensorInfo((1, 6, 4), np.float32)
+    g.add_constant("inv", (1.0 / 10000 ** (np.arange(4) / 4)).astype(np.float32).reshape(1, 1, 4))
+    g.add_constant("ax", np.array([2], np.int64))
+    for t, shp, dt in (("pu", (1, 6, 1), np.int64), ("pf", (1, 6, 1), np.float32), ("f", (1, 6, 4), np.float32),
+                       ("c", (1, 6, 4), np.float32), ("y", (1, 6, 4), np.float32)):
+        g.tensors[t] = TensorInfo(shp, dt)
+    g.add_op(Op("Unsqueeze", "u", ("position_ids", "ax"), ("pu",)))
+    g.add_op(Op("Cast", "cast", ("pu",), ("pf",), {"to": 1}))
+    g.add_op(Op("Mul", "mul", ("pf", "inv"), ("f",)))
+    g.add_op(Op("Cos", "cos", ("f",), ("c",)))
+    g.add_op(Op("Mul", "use", ("x", "c"), ("y",)))
+    pos = np.array([[3, 9, 0, 17, 4000, 5]])
+    x = np.random.default_rng(0).standard_normal((1, 6, 4)).astype(np.float32)
+    want = run(g, {"position_ids": pos, "x": x})["y"]
+    run_passes(g, ["fold-position-tables", "dead-code"])
+    kinds = sorted(op.kind for op in g.ops)
+    assert kinds == ["Gather", "Mul"], kinds
+    gather = next(op for op in g.ops if op.kind == "Gather")
+    assert g.constants[gather.inputs[0]].shape == (8192, 4) and gather.inputs[1] == "position_ids"
+    assert np.array_equal(run(g, {"position_ids": pos, "x": x})["y"], want)
+    # a value that is not a function of each position alone (a running sum over positions) stays
+    g2 = Graph("q")
+    g2.inputs, g2.outputs = ["position_ids", "x"], ["y"]
+    g2.tensors["position_ids"] = TensorInfo((1, 6), np.int64)
+    for t in ("x", "pf", "cs", "y"):
+        g2.tensors[t] = TensorInfo((1, 6), np.float32)
+    g2.add_constant("one", np.array(1, np.int64))
+    g2.add_op(Op("Cast", "cast", ("position_ids",), ("pf",), {"to": 1}))
+    g2.add_op(Op("CumSum", "cumsum", ("pf", "one"), ("cs",)))
+    g2.add_op(Op("Mul", "mul", ("cs", "x"), ("y",)))
+    assert not run_passes(g2, ["fold-position-tables"])[0].changed
+    assert sorted(op.kind for op in g2.ops) == ["Cast", "CumSum", "Mul"]

@@ -64,7 +64,7 @@ def run_pipeline(graph: Graph, pipeline: str = "fuse", **kwargs) -> list[StepRep
 PIPELINES: dict[str, list[str]] = {
     "canonicalize": ["fold-constants", "eliminate-no-ops", "dead-code"],
     "fuse": [
-        "fold-constants", "eliminate-no-ops", "dead-code",
+        "fold-constants", "eliminate-no-ops", "dead-code", "fold-position-tables", "dead-code",
         "fuse-linear", "fuse-rmsnorm", "fuse-layernorm", "fuse-gelu", "fuse-silu",
         "fuse-rope", "fuse-attention", "fuse-mask", "fuse-mlp", "dead-code",
     ],

@@ -835,3 +835,107 @@ class FuseMask:
             graph.replace_op(op.replace(inputs=(*op.inputs[:3], src), attrs=attrs))
             changed = True
         return changed
+
+
+# --- runtime positions -------------------------------------------------------------------------
+POSITION_TABLE = 8192            # positions a folded table covers (0 .. POSITION_TABLE - 1)
+
+
+def _position_region(graph: Graph, src: str) -> tuple[list[Op], set[str]]:
+    """Ops computed from ``src`` and constants alone (in graph order) and the tensors they make."""
+    made = {src}
+    region = []
+    for op in graph.ops:
+        ins = [t for t in op.inputs if t]
+        if op.kind in ("linear", "attention") or not any(t in made for t in ins):
+            continue
+        if all(t in made or graph.is_constant(t) for t in ins):
+            region.append(op)
+            made.update(t for t in op.outputs if t)
+    return region, made
+
+
+def _table_of(graph: Graph, ops: list[Op], src: str, t: str, n_pos: int) -> tuple[np.ndarray, int] | None:
+    """(table [n_pos, *rest], position axis) when ``t`` depends on each position alone."""
+    b, s = graph.tensors[src].shape
+    shape = graph.tensors[t].shape
+    dtype = graph.tensors[src].dtype
+    if shape is None or len(shape) < 2 or shape[0] not in (1, b):
+        return None
+    for a in (a for a in range(1, len(shape)) if shape[a] == s):   # the position axis: whichever checks
+        found = _table_along(graph, ops, src, t, n_pos, a)
+        if found is not None:
+            return found, a
+    return None
+
+
+def _table_along(graph: Graph, ops: list[Op], src: str, t: str, n_pos: int, a: int) -> np.ndarray | None:
+    b, s = graph.tensors[src].shape
+    dtype = graph.tensors[src].dtype
+    chunks = []
+    try:
+        for k in range(0, n_pos, s):
+            pos = np.broadcast_to(np.arange(k, k + s), (b, s)).astype(dtype)
+            out = np.asarray(_eval(graph, ops, {src: pos}, t))
+            chunks.append(np.moveaxis(out, a, 1)[0])         # [S, *rest without the batch axis]
+        table = np.concatenate(chunks)[:n_pos]
+        rng = np.random.default_rng(0)
+        for pos in (rng.integers(0, n_pos, (b, s)), np.broadcast_to(np.arange(s)[::-1], (b, s))):
+            got = np.asarray(_eval(graph, ops, {src: pos.astype(dtype)}, t))
+            want = np.moveaxis(table[pos], 1, a)                # [B, ..., S at a, ...]
+            if got.shape[0] == 1 and b > 1:
+                return None
+            if want.shape != got.shape or not np.array_equal(want, got):
+                return None
+    except (OpError, ValueError, TypeError, KeyError, IndexError):
+        return None
+    return table
+
+
+@register
+@dataclass(frozen=True)
+class FoldPositionTables:
+    """Float values computed from a runtime ``position_ids`` input alone (RoPE's cos and sin,
+    from ``inv_freq x position``) -> a compile-time table gathered by position.
+
+    Exporters such as optimum compute the rotary tables at run time from the positions; golden
+    has no float path, so the table is evaluated here for positions 0 .. POSITION_TABLE - 1 and
+    checked on random positions; the chip reads it with a Gather (exact data movement). The
+    positions stay a runtime input.
+    """
+
+    name: ClassVar[str] = "fold-position-tables"
+
+    def __call__(self, graph: Graph) -> bool:
+        changed = False
+        for src in list(graph.inputs):
+            info = graph.tensors[src]
+            if "position" not in src.lower() or np.dtype(info.dtype).kind not in "iu" \
+                    or info.shape is None or len(info.shape) != 2:
+                continue
+            ops, made = _position_region(graph, src)
+            names = {op.name for op in ops}
+            # the region's float results that leave it: what the rest of the model reads
+            leaving = [t for op in ops for t in op.outputs if t and np.dtype(graph.tensors[t].dtype).kind == "f"
+                       and (t in graph.outputs or any(c not in names for c in graph.consumers.get(t, ())))]
+            for t in leaving:
+                if len([o for o in graph.op(graph.producer[t]).outputs if o]) != 1:
+                    continue
+                found = _table_of(graph, ops, src, t, POSITION_TABLE)
+                if found is None:
+                    continue
+                table, a = found
+                b, s = info.shape
+                tab = graph.add_constant(graph.fresh_name(f"{t}_table"), table.astype(graph.tensors[t].dtype))
+                graph.tensors[tab] = TensorInfo(table.shape, graph.tensors[t].dtype)
+                g_out = graph.fresh_name(f"{t}_gathered")
+                graph.tensors[g_out] = TensorInfo((b, s) + table.shape[1:], graph.tensors[t].dtype)
+                graph.remove_op(graph.producer[t])
+                if a == 1:
+                    graph.add_op(Op("Gather", graph.fresh_name(f"gather_{t}"), (tab, src), (t,), {"axis": 0}))
+                else:
+                    graph.add_op(Op("Gather", graph.fresh_name(f"gather_{t}"), (tab, src), (g_out,), {"axis": 0}))
+                    perm = [0] + list(range(2, a + 1)) + [1] + list(range(a + 1, len(table.shape) + 1))
+                    graph.add_op(Op("Transpose", graph.fresh_name(f"transpose_{t}"), (g_out,), (t,), {"perm": perm}))
+                changed = True
+        return changed
