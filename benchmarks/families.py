@@ -3,8 +3,9 @@ through inspect, the float interpreter, golden and all three targets.
 
     python benchmarks/families.py [--only llama gpt2] [--formats nvfp4 w3o6] [--rtl] [--json OUT]
 
-Per row: the mask kind ``tapeout inspect`` reports; max |float interpreter - onnxruntime| on a
-left-padded mask (rows holding a real token); golden's KLD to the float model on random tokens
+Variants: ``prefill`` (no mask input), ``prefill+mask`` and ``decode+mask`` (``attention_mask``
+a graph input). Per row: the mask kind ``tapeout inspect`` reports; max |float interpreter -
+onnxruntime| on a left-padded mask (rows holding a real token); golden's KLD to the float model on random tokens
 (all-ones mask; decode: a random KV cache) per format; and per target and format whether
 ``tapeout simulate`` on the compiled folder reports 0 mismatches, with the values it checked
 (maskrom: the compile's fabric-vs-golden check on the whole model, plus with ``--rtl`` the
@@ -68,7 +69,8 @@ def float_vs_ort(path: Path, g) -> float:
     want = sess.run(["logits"], feeds)[0]
     got = run(g, feeds)["logits"]
     causal = any(op.attr("causal", False) for op in g.ops if op.kind == "attention") or "past_key_values.0.key" in feeds
-    live = feeds["attention_mask"][:, -got.shape[1]:].astype(bool) if causal else np.ones(got.shape[:2], bool)
+    live = feeds["attention_mask"][:, -got.shape[1]:].astype(bool) if causal and "attention_mask" in feeds \
+        else np.ones(got.shape[:2], bool)
     return float(np.max(np.abs(got[live] - want[live])))
 
 
@@ -130,7 +132,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", help="families")
     ap.add_argument("--exporters", nargs="*", default=["dynamo", "legacy"])
-    ap.add_argument("--variants", nargs="*", default=["prefill", "decode"])
+    ap.add_argument("--variants", nargs="*", default=["prefill", "prefill+mask", "decode+mask"],
+                    help="prefill (no mask input), prefill+mask, decode+mask, decode")
     ap.add_argument("--formats", nargs="*", default=["nvfp4", "w3o6"])
     ap.add_argument("--rtl", action="store_true", help="also simulate layer 0's maskrom RTL (Amaranth)")
     ap.add_argument("--json", help="write the rows here")
@@ -144,26 +147,27 @@ def main() -> None:
     np.save(calib_file, calib)
     rows = []
     fmts = args.formats
-    head = (f"{'family':8s} {'exporter':8s} {'variant':8s} {'mask':15s} {'float-ORT':>9s} "
+    head = (f"{'family':8s} {'exporter':8s} {'variant':12s} {'mask':15s} {'float-ORT':>9s} "
             + " ".join(f"{'KLD ' + f:>11s}" for f in fmts) + "  "
             + "  ".join(f"{t + ' ' + f:<22s}" for t in ("maskrom", "systolic", "dataflow") for f in fmts))
     print(head, flush=True)
     try:
         for fam in args.only or FAMILIES:
             for exp in args.exporters:
-                for var in args.variants:
+                for variant in args.variants:
+                    var, mask = variant.split("+")[0], variant.endswith("+mask")
                     if var == "decode" and fam == "bert":
                         continue
                     t0 = time.perf_counter()
                     try:
-                        path = tiny.export(fam, exp, None, var, mask=True)
+                        path = tiny.export(fam, exp, None, var, mask=mask)
                     except Exception as e:          # an exporter that cannot handle the family
-                        print(f"{fam:8s} {exp:8s} {var:8s} export failed: {type(e).__name__}: {str(e)[:80]}")
-                        rows.append({"family": fam, "exporter": exp, "variant": var, "export": str(e)[:200]})
+                        print(f"{fam:8s} {exp:8s} {variant:12s} export failed: {type(e).__name__}: {str(e)[:80]}")
+                        rows.append({"family": fam, "exporter": exp, "variant": variant, "export": str(e)[:200]})
                         continue
                     g = frontend(path)
                     mk = sorted({mask_kind(op) for op in g.ops if op.kind == "attention"})
-                    row = {"family": fam, "exporter": exp, "variant": var, "mask": "/".join(mk),
+                    row = {"family": fam, "exporter": exp, "variant": variant, "mask": "/".join(mk),
                            "float_ort": float_vs_ort(path, g),
                            "kld": {f: golden_kld(g, f, calib) for f in fmts}, "targets": {}}
                     for t in ("maskrom", "systolic", "dataflow"):
@@ -173,7 +177,7 @@ def main() -> None:
                             shutil.rmtree(d, ignore_errors=True)
                     row["seconds"] = time.perf_counter() - t0
                     rows.append(row)
-                    print(f"{fam:8s} {exp:8s} {var:8s} {row['mask']:15s} {row['float_ort']:9.1e} "
+                    print(f"{fam:8s} {exp:8s} {variant:12s} {row['mask']:15s} {row['float_ort']:9.1e} "
                           + " ".join(f"{row['kld'][f]:11.5f}" for f in fmts) + "  "
                           + "  ".join(f"{row['targets'][f'{t} {f}']:<22s}" for t in ("maskrom", "systolic", "dataflow")
                                       for f in fmts), flush=True)

@@ -24,7 +24,7 @@ from test_bad_input import run_cli
 
 # (family, exporter, variant): the default tier; the rest of the family matrix runs in `slow`
 FAST = [("llama", "dynamo", "prefill"), ("llama", "dynamo", "decode"), ("gpt2", "dynamo", "prefill"),
-        ("bert", "dynamo", "prefill"), ("bert", "legacy", "prefill"), ("qwen2", "dynamo", "prefill"),
+        ("bert", "dynamo", "prefill"), ("qwen2", "dynamo", "prefill"),
         ("neox", "dynamo", "prefill"), ("phi3", "dynamo", "prefill"), ("gemma", "dynamo", "prefill")]
 SLOW = [(f, e, v) for f in ("llama", "gpt2", "qwen2", "mistral", "neox", "phi3", "gemma")
         for e in ("dynamo", "legacy") for v in ("prefill", "decode")] + [("bert", "dynamo", "prefill")]
