@@ -72,7 +72,7 @@ def code_bits(codes: np.ndarray) -> int:
 def tile_geometry(block: int, machine: Machine, o_dim: int, i_dim: int, group: int, w_bits: int) -> dict:
     """``linear_geometry`` from the strip table's fields alone (the ISA simulator's view: it
     knows a linear from its weight image, not from the program's linears)."""
-    unit = math.gcd(fx.mx_block(i_dim, block), group)
+    unit = fx.linear_unit(i_dim, group, block)
     kt = math.gcd(machine.n, unit)                   # a K tile never straddles a unit
     return {"out": o_dim, "in": i_dim, "unit": unit, "kt": kt, "n_i": -(-o_dim // machine.n),
             "n_k": i_dim // kt, "group": group, "w_bits": w_bits}
