@@ -176,6 +176,11 @@ def compile_model(args: argparse.Namespace, progress: Progress) -> tuple[Path, i
         qm, _, calib = quantize(graph, args, model, progress, config, summary)
         with progress.step("lowering to the integer program"):
             program = qm.program(summary=summary)
+        quant_report = qm.report()
+        # the target works from the program alone: the float weights and the quantised tensors
+        # (about 8 bytes per weight for SmolLM2) are freed before its steps
+        del qm
+        graph = None
     options = {"batch": binding.batch, "seq_len": binding.seq_len, "past_len": binding.past_len,
                "dims": dict(sorted(binding.dims.items())), "target": args.target}
     if config is not None:
@@ -191,7 +196,7 @@ def compile_model(args: argparse.Namespace, progress: Progress) -> tuple[Path, i
         if program is not None:
             with progress.step("writing the integer program (program/)"):
                 program.save(out)
-            out.write_json("quant_report.json", qm.report())
+            out.write_json("quant_report.json", quant_report)
             _, headline = target.compile(program, out, topts, progress.step)
         with progress.step("hashing inputs and artifacts"):
             manifest = {"tool": "tapeout", "version": __version__, "command": "compile", "options": options,
