@@ -9,8 +9,8 @@ onnxruntime| on a left-padded mask (rows holding a real token); golden's KLD to 
 (all-ones mask; decode: a random KV cache) per format; and per target and format whether
 ``tapeout simulate`` on the compiled folder reports 0 mismatches, with the values it checked
 (maskrom: the compile's fabric-vs-golden check on the whole model, plus with ``--rtl`` the
-Amaranth RTL of layer 0's linears). Decode exports on maskrom are issue 17 ("needs a prefill
-export"), shown as such. Prints one table; takes about a minute per row on 2 cores.
+Amaranth RTL of layer 0's linears). The mask-ROM target compiles prefill exports only; a
+decode export's cell says "prefill only". Prints one table; takes about a minute per row on 2 cores.
 """
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def target_cell(path: Path, target: str, fmt: str, calib_file: Path, tmp: Path, 
     code, o, e = cli("compile", path, "--target", target, "--format", fmt, "-o", out, *extra)
     if code:
         line = (e.strip().splitlines() or ["?"])[-1]
-        return "decode: issue 17" if "needs a prefill export" in line else f"ERROR {line[-60:]}"
+        return "prefill only" if "needs a prefill export" in line else f"ERROR {line[-60:]}"
     if target == "maskrom":
         ok = "fabric == golden" in o
         n = o.rsplit(" on ", 1)[-1].split()[0] if ok else "?"

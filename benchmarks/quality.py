@@ -101,7 +101,7 @@ def main() -> None:
 
     w1, w3 = row("w3o6 1% outliers"), row("w3o6 3% outliers GPTQ")
     int3, int4 = row("int3-g64 RTN"), row("int4-g128 RTN *")
-    print("\nclaims (issue 3):")
+    print("\nclaims:")
     for w in (w1, w3):
         print(f"  {w['name']} at {w['bits_per_weight']:.3f} bits/w: KLD {int3['kld_mean'] / w['kld_mean']:.1f}x lower "
               f"than int3-g64 RTN (need >= 3x); vs int4-g128 RTN {w['kld_mean']:.4f} vs {int4['kld_mean']:.4f} "

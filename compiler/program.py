@@ -160,9 +160,9 @@ class Interface:
 
     def sample_feeds(self, graph: Graph, seed: int = 0) -> dict[str, np.ndarray]:
         """Golden feeds for a backend's self-check (prefill and decode): token ids uniform over the
-        vocabulary (seeded), masks left-padded (row b drops its first (b+1)*max(1, T//8) keys, so
-        the backends' masking is exercised and rows differ), positions counting on from the past length, a KV
-        cache of standard-normal values in Q16."""
+        vocabulary (seeded), masks left-padded (``padded_mask``: the backends' masking is
+        exercised and rows differ), positions counting on from the past length, a KV cache of
+        standard-normal values in Q16."""
         rng = np.random.default_rng(seed)
         feeds = {}
         for name in graph.inputs:

@@ -114,24 +114,39 @@ def run_windows(graph: Graph, feeds: list[dict[str, np.ndarray]],
                         env.pop(t, None)
 
 
+class _Accumulator:
+    """Per linear input: the sum of x^2 per feature (and of x x^T with ``hessian``), as the
+    float graph runs; ``keep`` is the interpreter's callback."""
+
+    def __init__(self, graph: Graph, hessian: bool) -> None:
+        self.wanted = {op.inputs[0] for op in linear_ops(graph)}
+        self.hessian = hessian
+        self.sums: dict[str, np.ndarray] = {}
+        self.hs: dict[str, np.ndarray] = {}
+
+    def keep(self, name: str, value: np.ndarray) -> None:
+        if name not in self.wanted:
+            return
+        x = np.asarray(value, np.float64).reshape(-1, value.shape[-1])
+        self.sums[name] = self.sums.get(name, 0) + np.sum(x * x, axis=0)
+        if self.hessian:
+            self.hs[name] = self.hs.get(name, 0) + x.T @ x
+
+    def stats(self, count: int) -> CalibStats:
+        stats = CalibStats()
+        stats.tokens = count
+        stats.act_sq = {k: v / count for k, v in self.sums.items()}
+        stats.hessian = {k: v / count for k, v in self.hs.items()}
+        return stats
+
+
 def calibrate(graph: Graph, token_windows: Iterable[np.ndarray], *, hessian: bool = False,
               progress: Callable[[int], None] | None = None) -> CalibStats:
     """Run the float graph on calibration windows and collect linear-input statistics
     (windows are run CALIB_BATCH_TOKENS at a time, see :func:`run_windows`)."""
-    wanted = {op.inputs[0] for op in linear_ops(graph)}
-    graph = calibration_graph(graph, wanted)
-    stats = CalibStats()
-    sums: dict[str, np.ndarray] = {}
-    hs: dict[str, np.ndarray] = {}
-
-    def keep(name: str, value: np.ndarray) -> None:
-        if name not in wanted:
-            return
-        x = np.asarray(value, np.float64).reshape(-1, value.shape[-1])
-        sums[name] = sums.get(name, 0) + np.sum(x * x, axis=0)
-        if hessian:
-            hs[name] = hs.get(name, 0) + x.T @ x
-
+    acc = _Accumulator(graph, hessian)
+    graph = calibration_graph(graph, acc.wanted)
+    keep = acc.keep
     wins = list(token_windows)
     per = max(1, CALIB_BATCH_TOKENS // max((w.size for w in wins), default=1))
     for b in range(0, len(wins), per):
@@ -143,10 +158,7 @@ def calibrate(graph: Graph, token_windows: Iterable[np.ndarray], *, hessian: boo
     if count == 0:
         raise TapeoutError("calibration text is shorter than one window of the model's sequence "
                            "length; give a longer --calib text", file=graph.meta.get("file"))
-    stats.tokens = count
-    stats.act_sq = {k: v / count for k, v in sums.items()}
-    stats.hessian = {k: v / count for k, v in hs.items()}
-    return stats
+    return acc.stats(count)
 
 
 DECODE_CALIB_STEPS = 512     # decode steps a decode export calibrates on (one token each)
@@ -159,20 +171,8 @@ def calibrate_decode(graph: Graph, ids: np.ndarray, *, hessian: bool = False,
     next step's past. The cache starts at zeros; with an ``attention_mask`` input, the slots not
     yet filled are masked, so the steps see exactly the tokens fed so far. At most
     DECODE_CALIB_STEPS tokens."""
-    from .program import Interface
     itf = Interface.of(graph)
-    wanted = {op.inputs[0] for op in linear_ops(graph)}
-    stats = CalibStats()
-    sums: dict[str, np.ndarray] = {}
-    hs: dict[str, np.ndarray] = {}
-
-    def keep(name: str, value: np.ndarray) -> None:
-        if name in wanted:
-            x = np.asarray(value, np.float64).reshape(-1, value.shape[-1])
-            sums[name] = sums.get(name, 0) + np.sum(x * x, axis=0)
-            if hessian:
-                hs[name] = hs.get(name, 0) + x.T @ x
-
+    acc = _Accumulator(graph, hessian)
     ids = np.asarray(ids).reshape(-1)[:DECODE_CALIB_STEPS]
     if len(itf.kv_inputs) != len(itf.kv_outputs) or itf.tokens is None:
         raise TapeoutError("a decode export calibrates with its KV-cache outputs fed back as inputs; this "
@@ -193,17 +193,14 @@ def calibrate_decode(graph: Graph, ids: np.ndarray, *, hessian: bool = False,
                 feeds[name] = np.full(info.shape, p_len, info.dtype)
             elif name not in feeds:
                 feeds[name] = np.zeros(info.shape, info.dtype)
-        outs = run(graph, feeds, outputs=list(itf.kv_outputs), keep=keep)
+        outs = run(graph, feeds, outputs=list(itf.kv_outputs), keep=acc.keep)
         past = {i: np.ascontiguousarray(outs[o][..., 1:, :]) for i, o in zip(itf.kv_inputs, itf.kv_outputs)}
         count += int(np.prod(graph.tensors[itf.tokens].shape))
         if progress:
             progress(step)
     if count == 0:
         raise TapeoutError("no calibration tokens", file=graph.meta.get("file"))
-    stats.tokens = count
-    stats.act_sq = {k: v / count for k, v in sums.items()}
-    stats.hessian = {k: v / count for k, v in hs.items()}
-    return stats
+    return acc.stats(count)
 
 
 # --- the quantisation pass --------------------------------------------------------------------

@@ -13,11 +13,12 @@ Every ``attention`` runs its two matmuls on the array, per KV head group (the ``
 heads sharing one KV head are streamed through the same stationary tile): ``QUANT_A``
 MXINT-quantises q, k, v; per key tile a ``PRELOAD`` of K (``buf=2``) and ``MATMUL``s streaming
 the group's query elements accumulate the scores with golden's exponent alignment, a
-``REQUANT`` (``buf=2``) scales them to Q16; ``SOFTMAX`` runs the integer softmax (``backends.vector``) on the
+``REQUANT`` (``buf=2``) scales them to Q16; ``SOFTMAX`` runs the integer softmax on the
 vector unit; per output column tile a ``PRELOAD`` of V (``buf=3``, aligned exponents as row
 shifts) and three ``MATMUL``s stream the probabilities' 7-bit digits; a ``REQUANT``
-(``buf=3``) rounds the result. Every other op is one ``VEC`` instruction computed by ``backends.vector`` (docs/golden.md's integer
-semantics). The shared list scheduler (``compiler.schedule``) assigns issue cycles.
+(``buf=3``) rounds the result. Every other op is one ``VEC`` instruction. The vector unit's
+arithmetic is ``backends.vector`` (docs/golden.md's integer semantics). The shared list
+scheduler (``compiler.schedule``) assigns issue cycles.
 """
 from __future__ import annotations
 

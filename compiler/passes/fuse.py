@@ -841,8 +841,8 @@ class FuseMask:
 POSITION_TABLE = 8192            # positions a folded table covers (0 .. POSITION_TABLE - 1)
 
 
-def _position_region(graph: Graph, src: str) -> tuple[list[Op], set[str]]:
-    """Ops computed from ``src`` and constants alone (in graph order) and the tensors they make."""
+def _position_region(graph: Graph, src: str) -> list[Op]:
+    """Ops computed from ``src`` and constants alone, in graph order."""
     made = {src}
     region = []
     for op in graph.ops:
@@ -852,14 +852,13 @@ def _position_region(graph: Graph, src: str) -> tuple[list[Op], set[str]]:
         if all(t in made or graph.is_constant(t) for t in ins):
             region.append(op)
             made.update(t for t in op.outputs if t)
-    return region, made
+    return region
 
 
 def _table_of(graph: Graph, ops: list[Op], src: str, t: str, n_pos: int) -> tuple[np.ndarray, int] | None:
     """(table [n_pos, *rest], position axis) when ``t`` depends on each position alone."""
     b, s = graph.tensors[src].shape
     shape = graph.tensors[t].shape
-    dtype = graph.tensors[src].dtype
     if shape is None or len(shape) < 2 or shape[0] not in (1, b):
         return None
     for a in (a for a in range(1, len(shape)) if shape[a] == s):   # the position axis: whichever checks
@@ -907,35 +906,34 @@ class FoldPositionTables:
     name: ClassVar[str] = "fold-position-tables"
 
     def __call__(self, graph: Graph) -> bool:
+        from ..program import Interface               # the one rule for which input is the positions
+        src = Interface.of(graph).positions
+        info = graph.tensors.get(src) if src else None
+        if info is None or np.dtype(info.dtype).kind not in "iu" or info.shape is None or len(info.shape) != 2:
+            return False
+        ops = _position_region(graph, src)
+        names = {op.name for op in ops}
+        # the region's float results that leave it: what the rest of the model reads
+        leaving = [t for op in ops for t in op.outputs if t and np.dtype(graph.tensors[t].dtype).kind == "f"
+                   and (t in graph.outputs or any(c not in names for c in graph.consumers.get(t, ())))]
         changed = False
-        for src in list(graph.inputs):
-            info = graph.tensors[src]
-            if "position" not in src.lower() or np.dtype(info.dtype).kind not in "iu" \
-                    or info.shape is None or len(info.shape) != 2:
+        for t in leaving:
+            if len([o for o in graph.op(graph.producer[t]).outputs if o]) != 1:
                 continue
-            ops, made = _position_region(graph, src)
-            names = {op.name for op in ops}
-            # the region's float results that leave it: what the rest of the model reads
-            leaving = [t for op in ops for t in op.outputs if t and np.dtype(graph.tensors[t].dtype).kind == "f"
-                       and (t in graph.outputs or any(c not in names for c in graph.consumers.get(t, ())))]
-            for t in leaving:
-                if len([o for o in graph.op(graph.producer[t]).outputs if o]) != 1:
-                    continue
-                found = _table_of(graph, ops, src, t, POSITION_TABLE)
-                if found is None:
-                    continue
-                table, a = found
-                b, s = info.shape
-                tab = graph.add_constant(graph.fresh_name(f"{t}_table"), table.astype(graph.tensors[t].dtype))
-                graph.tensors[tab] = TensorInfo(table.shape, graph.tensors[t].dtype)
+            found = _table_of(graph, ops, src, t, POSITION_TABLE)
+            if found is None:
+                continue
+            table, a = found
+            dtype = graph.tensors[t].dtype
+            tab = graph.add_constant(graph.fresh_name(f"{t}_table"), table.astype(dtype))
+            graph.remove_op(graph.producer[t])
+            if a == 1:
+                graph.add_op(Op("Gather", graph.fresh_name(f"gather_{t}"), (tab, src), (t,), {"axis": 0}))
+            else:                                           # gathered [B, S, ...], then S moved to axis a
                 g_out = graph.fresh_name(f"{t}_gathered")
-                graph.tensors[g_out] = TensorInfo((b, s) + table.shape[1:], graph.tensors[t].dtype)
-                graph.remove_op(graph.producer[t])
-                if a == 1:
-                    graph.add_op(Op("Gather", graph.fresh_name(f"gather_{t}"), (tab, src), (t,), {"axis": 0}))
-                else:
-                    graph.add_op(Op("Gather", graph.fresh_name(f"gather_{t}"), (tab, src), (g_out,), {"axis": 0}))
-                    perm = [0] + list(range(2, a + 1)) + [1] + list(range(a + 1, len(table.shape) + 1))
-                    graph.add_op(Op("Transpose", graph.fresh_name(f"transpose_{t}"), (g_out,), (t,), {"perm": perm}))
-                changed = True
+                graph.tensors[g_out] = TensorInfo(tuple(info.shape) + table.shape[1:], dtype)
+                graph.add_op(Op("Gather", graph.fresh_name(f"gather_{t}"), (tab, src), (g_out,), {"axis": 0}))
+                perm = [0] + list(range(2, a + 1)) + [1] + list(range(a + 1, len(table.shape) + 1))
+                graph.add_op(Op("Transpose", graph.fresh_name(f"transpose_{t}"), (g_out,), (t,), {"perm": perm}))
+            changed = True
         return changed
