@@ -44,6 +44,49 @@ def reference_logits(graph: Graph, wins: list[np.ndarray]) -> list[np.ndarray]:
     return [run(graph, window_feeds(graph, w))[out].reshape(len(w), -1)[:-1] for w in wins]
 
 
+def layer_of(role: str) -> str:
+    """The layer a linear's role belongs to: ``layers.3.q_proj`` -> ``layers.3``; roles
+    outside the blocks (``lm_head``, ``other``) are layers of their own."""
+    parts = role.split(".")
+    return ".".join(parts[:2]) if len(parts) == 3 and parts[0] == "layers" else role
+
+
+def only(qm: QuantizedModel, names: list[str]) -> QuantizedModel:
+    """``qm`` with only the linears ``names`` quantised (the others keep their float weights)."""
+    return QuantizedModel(qm.graph, qm.config, {n: qm.weights[n] for n in names}, qm.roles)
+
+
+def per_layer(graph: Graph, qm: QuantizedModel, ids: np.ndarray, seq_len: int, *,
+              max_tokens: int | None = None, refs: list[np.ndarray] | None = None,
+              progress: Callable[[int, int], None] | None = None) -> list[dict]:
+    """KLD contribution of each layer: the model scored with only that layer's linears
+    quantised (float path), one row per layer in graph order, then one per linear role
+    across all layers (``all q_proj``, ...)."""
+    ids = np.asarray(ids).reshape(-1)[:max_tokens]
+    if refs is None:
+        refs = reference_logits(graph, windows(ids, seq_len))
+    layers: dict[str, list[str]] = {}
+    kinds: dict[str, list[str]] = {}
+    for name in qm.weights:
+        role = qm.roles.get(name, "other")
+        layers.setdefault(layer_of(role), []).append(name)
+        if layer_of(role) != role:
+            kinds.setdefault("all " + role.split(".")[-1], []).append(name)
+    subsets = list(layers.items()) + (list(kinds.items()) if len(kinds) and len(layers) > 1 else [])
+    rows = []
+    for i, (layer, names) in enumerate(subsets):
+        part = only(qm, names)
+        r = evaluate(graph, part, ids, seq_len, refs=refs)
+        bits = sum(int(qm.weights[n].bits()["total"]) for n in names)
+        n_w = sum(qm.weights[n].shape[0] * qm.weights[n].shape[1] for n in names)
+        rows.append({"layer": layer, "linears": len(names), "weights": n_w,
+                     "bits_per_weight": round(bits / n_w, 4), "kld_mean": r["kld_mean"],
+                     "kld_p99": r["kld_p99"], "top1_agree": r["top1_agree"]})
+        if progress:
+            progress(i + 1, len(subsets))
+    return rows
+
+
 def evaluate(graph: Graph, qm: QuantizedModel, ids: np.ndarray, seq_len: int, *, path: str = "float",
              max_tokens: int | None = None, refs: list[np.ndarray] | None = None,
              progress: Callable[[int, int], None] | None = None) -> dict:

@@ -18,7 +18,8 @@ from .interp import run, run_op
 from .ir import Graph, Op
 from .program import IntegerProgram, Interface
 from .quant import QuantTensor, quantize
-from .quant.formats import resolve_format
+from .quant.formats import W3O6_OUTLIER_FRAC, resolve_format
+from .quant.gptq import DAMP, HessianFactor
 from .structure import recognise
 
 
@@ -82,12 +83,13 @@ def calibration_graph(graph: Graph, wanted: set[str]) -> Graph:
 
 
 def run_windows(graph: Graph, feeds: list[dict[str, np.ndarray]],
-                keep: Callable[[str, np.ndarray], None]) -> None:
+                keep: Callable[..., None], prepare: Callable[[str, np.ndarray], object] | None = None) -> None:
     """``interp.run`` on several feeds at once, op by op: each op runs on every feed while its
     weight is hot in cache (on WORKERS threads, each taking a share of the feeds), and a
     linear's weight is widened to float64 once (the kernel's own ``astype`` is then a no-op)
     instead of once per feed. Every value equals ``run``'s, and ``keep`` sees each tensor's
-    values in feed order, on the calling thread."""
+    values in feed order, on the calling thread: ``keep(name, value)``, or with ``prepare``
+    ``keep(name, value, prepare(name, value))``, ``prepare`` running on the worker threads."""
     order = list(graph.ops)
     last_use = {t: i for i, op in enumerate(order) for t in op.inputs if t}
     consts, envs = graph.constants, [dict(f) for f in feeds]
@@ -104,19 +106,27 @@ def run_windows(graph: Graph, feeds: list[dict[str, np.ndarray]],
                     results = run_op(op, [shared[t] if t in shared else env[t] if t else None
                                           for t in op.inputs])
                     env.update((name, v) for name, v in zip(op.outputs, results) if name)
+                    if prepare is not None:
+                        env[_PREPARED] = [prepare(name, env[name]) if name else None for name in op.outputs]
             list(pool.map(step, shares))
             for env in envs:
-                for name in op.outputs:
+                prepared = env.pop(_PREPARED, None)
+                for j, name in enumerate(op.outputs):
                     if name:
-                        keep(name, env[name])
+                        keep(name, env[name]) if prepared is None else keep(name, env[name], prepared[j])
                 for t in op.inputs:
                     if t and last_use[t] == i and t not in consts:
                         env.pop(t, None)
 
 
+_PREPARED = "\0prepared"     # run_windows: an env slot no tensor name can take
+
+
 class _Accumulator:
     """Per linear input: the sum of x^2 per feature (and of x x^T with ``hessian``), as the
-    float graph runs; ``keep`` is the interpreter's callback."""
+    float graph runs; ``keep`` is the interpreter's callback. Each window's x^T x is a float32
+    product (``prepare``, on run_windows' worker threads), summed in float64 in window order,
+    so the result does not depend on the thread count."""
 
     def __init__(self, graph: Graph, hessian: bool) -> None:
         self.wanted = {op.inputs[0] for op in linear_ops(graph)}
@@ -124,13 +134,23 @@ class _Accumulator:
         self.sums: dict[str, np.ndarray] = {}
         self.hs: dict[str, np.ndarray] = {}
 
-    def keep(self, name: str, value: np.ndarray) -> None:
+    def prepare(self, name: str, value: np.ndarray) -> np.ndarray | None:
+        if name not in self.wanted or not self.hessian:
+            return None
+        x = np.asarray(value, np.float32).reshape(-1, value.shape[-1])
+        return x.T @ x
+
+    def keep(self, name: str, value: np.ndarray, gram: np.ndarray | None = None) -> None:
         if name not in self.wanted:
             return
         x = np.asarray(value, np.float64).reshape(-1, value.shape[-1])
         self.sums[name] = self.sums.get(name, 0) + np.sum(x * x, axis=0)
         if self.hessian:
-            self.hs[name] = self.hs.get(name, 0) + x.T @ x
+            if gram is None:
+                gram = self.prepare(name, value)
+            if name not in self.hs:
+                self.hs[name] = np.zeros(gram.shape)
+            self.hs[name] += gram
 
     def stats(self, count: int) -> CalibStats:
         stats = CalibStats()
@@ -146,11 +166,10 @@ def calibrate(graph: Graph, token_windows: Iterable[np.ndarray], *, hessian: boo
     (windows are run CALIB_BATCH_TOKENS at a time, see :func:`run_windows`)."""
     acc = _Accumulator(graph, hessian)
     graph = calibration_graph(graph, acc.wanted)
-    keep = acc.keep
     wins = list(token_windows)
     per = max(1, CALIB_BATCH_TOKENS // max((w.size for w in wins), default=1))
     for b in range(0, len(wins), per):
-        run_windows(graph, [window_feeds(graph, w) for w in wins[b:b + per]], keep)
+        run_windows(graph, [window_feeds(graph, w) for w in wins[b:b + per]], acc.keep, acc.prepare)
         if progress:
             for i in range(b, min(b + per, len(wins))):
                 progress(i)
@@ -207,21 +226,32 @@ def calibrate_decode(graph: Graph, ids: np.ndarray, *, hessian: bool = False,
 @dataclass(frozen=True)
 class QuantConfig:
     """What to quantise and how. ``head_format`` applies to the LM head unless
-    ``quantize_head`` puts it in ``fmt`` too; the embedding table stays as it is."""
+    ``quantize_head`` puts it in ``fmt`` too; the embedding table stays as it is.
+
+    Unset (None) options take the format's defaults, the best measured point
+    (docs/formats.md): w3o6 holds W3O6_OUTLIER_FRAC of its weights at 6 bits and rounds with
+    GPTQ (damping ``damp``); the other formats round to nearest without GPTQ."""
 
     fmt: str
     group_size: int | None = None
     bits: int | None = None
-    outlier_frac: float = 0.01
-    gptq: bool = False
+    outlier_frac: float | None = None
+    gptq: bool | None = None
     rtn: bool = False                # plain round-to-nearest from absmax scales (the baselines)
     quantize_head: bool = False
     head_format: str = "int8"
     group_fallback: bool = False     # a group that does not divide a layer's inputs -> gcd(in, group)
+    damp: float = DAMP               # GPTQ: fraction of mean(diag H) added to H's diagonal
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fmt", resolve_format(self.fmt, self.bits))
         object.__setattr__(self, "bits", None)
+        if self.outlier_frac is None:
+            object.__setattr__(self, "outlier_frac", W3O6_OUTLIER_FRAC)
+        if self.gptq is None:
+            object.__setattr__(self, "gptq", self.fmt == "w3o6" and not self.rtn)
+        if not (isinstance(self.damp, (int, float)) and not isinstance(self.damp, bool) and 0 < self.damp < 1e6):
+            raise TapeoutError(f"--gptq-damp must be a positive number, not {self.damp}")
         if not 0.0 <= self.outlier_frac <= 1.0:
             raise TapeoutError(f"--outlier-frac must be in [0, 1], not {self.outlier_frac}")
         if self.group_size is not None and self.group_size < 1:
@@ -322,7 +352,7 @@ def quantize_model(graph: Graph, config: QuantConfig, stats: CalibStats | None =
         raise TapeoutError(f"format {config.fmt} needs calibration statistics (activation-aware)")
     roles = linear_roles(graph, summary)
     ops = linear_ops(graph)
-    jobs = []
+    jobs, factors = [], {}
     for op in ops:
         w = np.asarray(weight_matrix(graph, op), np.float32)
         head = roles.get(op.name) == "lm_head" and not config.quantize_head
@@ -337,8 +367,14 @@ def quantize_model(graph: Graph, config: QuantConfig, stats: CalibStats | None =
                 kwargs["outlier_frac"] = config.outlier_frac
             if stats is not None and op.inputs[0] in stats.act_sq:
                 kwargs["act_sq"] = stats.act_sq[op.inputs[0]]
-                if config.gptq and op.inputs[0] in stats.hessian:
-                    kwargs.update(hessian=stats.hessian[op.inputs[0]], gptq=True)
+                if config.gptq:
+                    if op.inputs[0] not in stats.hessian:
+                        raise TapeoutError(f"{config.fmt} with GPTQ needs the calibration Hessians "
+                                           f"(calibrate(..., hessian=True)), or pass gptq=False",
+                                           file=graph.meta.get("file"), node=op.name, op="linear")
+                    if op.inputs[0] not in factors:
+                        factors[op.inputs[0]] = HessianFactor(stats.hessian[op.inputs[0]], damp=config.damp)
+                    kwargs.update(hessian=factors[op.inputs[0]], gptq=True)
         jobs.append((w, fmt, {k: v for k, v in kwargs.items() if v is not None}))
     weights = {}
     with ThreadPoolExecutor(WORKERS) as pool:

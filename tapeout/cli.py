@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, metavar="N", help="score at most N tokens")
     p.add_argument("--path", choices=("float", "golden"), default="float",
                    help="float: float arithmetic on dequantised weights; golden: the integer model")
+    p.add_argument("--per-layer", action="store_true",
+                   help="also score the model with only one layer quantised at a time (float path): "
+                        "each layer's KLD contribution, then each linear role across all layers")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_quant_options(p)
     _add_binding_options(p)
@@ -177,9 +180,13 @@ def _add_quant_options(p: argparse.ArgumentParser, required: bool = True) -> Non
     g.add_argument("--group-fallback", action="store_true",
                    help="where --group does not divide a layer's input features, use gcd(features, group) "
                         "instead of failing (e.g. g128 on 576-wide layers becomes g64)")
-    g.add_argument("--outlier-frac", type=float, default=0.01, metavar="X",
-                   help="w3o6: fraction of weights held at 6 bits (default 0.01)")
-    g.add_argument("--gptq", action="store_true", help="GPTQ-style error compensation from calibration")
+    g.add_argument("--outlier-frac", type=float, metavar="X",
+                   help="w3o6: fraction of weights held at 6 bits (default 0.044: 3.59 bits/weight at g64)")
+    g.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None,
+                   help="GPTQ error compensation from the calibration Hessians (default: on for w3o6, "
+                        "off for the other formats)")
+    g.add_argument("--gptq-damp", type=float, metavar="D",
+                   help="GPTQ: fraction of mean(diag H) added to the Hessian's diagonal (default 0.1)")
     g.add_argument("--rtn", action="store_true", help="plain round-to-nearest from absmax scales (no clip "
                    "search): the int baselines")
     g.add_argument("--quantize-head", action="store_true", help="quantise the LM head in --format too "

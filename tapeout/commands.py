@@ -9,8 +9,8 @@ from tapeout import __version__
 from tapeout.compiler.errors import TapeoutError, UnsupportedOps
 from tapeout.compiler.frontend import fuse, import_graph
 from tapeout.compiler.structure import recognise, render_summary
-from tapeout.driver import (binding_from_args, check_ids, compile_model, load_program, open_folder, quantized,
-                            read_ids, text_ids_for)
+from tapeout.driver import (binding_from_args, check_ids, compile_model, load_program, open_folder, quant_options,
+                            quantized, read_ids, text_ids_for)
 from tapeout.output import OutputFolder, dumps_json, input_hashes
 from tapeout.progress import Progress
 
@@ -60,9 +60,7 @@ def cmd_quantize(args: argparse.Namespace, progress: Progress) -> int:
         out.write_json("weights/index.json", index)
         out.write_json("quant_report.json", report)
         manifest = {"tool": "tapeout", "version": __version__, "command": "quantize",
-                    "options": {**{k: getattr(args, k) for k in ("format", "group", "group_fallback", "outlier_frac",
-                                                                 "gptq", "rtn", "quantize_head", "calib_max_tokens")},
-                                "calibration": calib},
+                    "options": {**quant_options(config, args), "calibration": calib},
                     "input": {"model": model.name, "sha256": input_hashes(model)}}
         path = out.commit(manifest)
     print(f"wrote {path}/: {len(qm.weights)} tensors in {config.fmt}, {report['bits_per_weight']:.3f} bits/weight "
@@ -91,12 +89,35 @@ def cmd_eval(args: argparse.Namespace, progress: Progress) -> int:
     with progress.step(f"scoring {n // seq} windows of {seq} tokens ({args.path} path)"):
         result = evaluate(graph, qm, ids, seq, path=args.path, max_tokens=args.max_tokens)
     result["calibration_tokens"] = stats.tokens if stats else 0
+    if args.per_layer:
+        from tapeout.compiler.evaluate import per_layer
+
+        def tick(i: int, total: int) -> None:
+            if progress.enabled:
+                print(f"[tapeout] per-layer scoring: {i}/{total}", file=sys.stderr, flush=True)
+        with progress.step("scoring one layer at a time"):
+            result["per_layer"] = per_layer(graph, qm, ids, seq, max_tokens=args.max_tokens, progress=tick)
     if args.json:
         print(dumps_json(result), end="")
-    else:
-        print(f"{result['format']} ({result['path']} path), {result['bits_per_weight']:.3f} bits/weight, "
-              f"{result['tokens']} tokens: KLD mean {result['kld_mean']:.5f} p99 {result['kld_p99']:.4f}, "
-              f"top-1 {result['top1_agree']:.3f}, ppl {result['ppl']:.3f} (float {result['ppl_ref']:.3f})")
+        return 0
+    print(f"{result['format']} ({result['path']} path), {result['bits_per_weight']:.3f} bits/weight "
+          f"({result['bits_per_weight_with_head']:.3f} with the LM head), {result['tokens']} tokens: "
+          f"KLD mean {result['kld_mean']:.5f} p99 {result['kld_p99']:.4f}, top-1 {result['top1_agree']:.3f}, "
+          f"ppl {result['ppl']:.3f} (float {result['ppl_ref']:.3f})")
+    if args.per_layer:
+        rows = result["per_layer"]
+        print(f"\nonly one layer quantised (float path); share = KLD / sum over the layers\n"
+              f"{'layer':16s} {'linears':>7s} {'weights':>9s} {'bits/w':>7s} {'KLD mean':>9s} "
+              f"{'p99':>7s} {'top-1':>6s} {'share':>6s}")
+        layers = [r for r in rows if not r["layer"].startswith("all ")]
+        total = sum(r["kld_mean"] for r in layers) or 1.0
+        for i, r in enumerate(rows):
+            if i == len(layers):
+                print()                                  # then the roles across all layers
+            print(f"{r['layer']:16s} {r['linears']:7d} {r['weights']:9d} {r['bits_per_weight']:7.3f} "
+                  f"{r['kld_mean']:9.5f} {r['kld_p99']:7.4f} {r['top1_agree']:6.3f} "
+                  f"{r['kld_mean'] / total:6.1%}")
+        print(f"sum over the layers {total:.5f} (all quantised together: {result['kld_mean']:.5f})")
     return 0
 
 

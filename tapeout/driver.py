@@ -24,7 +24,6 @@ from tapeout.compiler.structure import recognise, render_summary
 from tapeout.output import MANIFEST, OutputFolder, input_hashes, sha256_file
 from tapeout.progress import Progress
 
-QUANT_OPTIONS = ("format", "group", "group_fallback", "outlier_frac", "gptq", "rtn", "calib_max_tokens")
 
 
 def binding_from_args(args: argparse.Namespace) -> Binding:
@@ -99,8 +98,17 @@ def check_ids(ids, graph, what: str, file: str) -> None:
 
 def quant_config(args: argparse.Namespace):
     from tapeout.compiler.qmodel import QuantConfig
+    extra = {} if getattr(args, "gptq_damp", None) is None else {"damp": args.gptq_damp}
     return QuantConfig(args.format, group_size=args.group, outlier_frac=args.outlier_frac, gptq=args.gptq,
-                       rtn=args.rtn, quantize_head=args.quantize_head, group_fallback=args.group_fallback)
+                       rtn=args.rtn, quantize_head=args.quantize_head, group_fallback=args.group_fallback, **extra)
+
+
+def quant_options(config, args: argparse.Namespace) -> dict:
+    """The quantisation options a manifest records: the resolved values (defaults filled in)."""
+    return {"format": config.fmt, "group": args.group, "group_fallback": args.group_fallback,
+            "outlier_frac": config.outlier_frac if config.fmt == "w3o6" else None, "gptq": config.gptq,
+            "gptq_damp": config.damp if config.gptq else None, "rtn": args.rtn,
+            "quantize_head": config.quantize_head, "calib_max_tokens": args.calib_max_tokens}
 
 
 def quantize(graph, args: argparse.Namespace, model: Path, progress: Progress, config=None, summary=None):
@@ -184,9 +192,7 @@ def compile_model(args: argparse.Namespace, progress: Progress) -> tuple[Path, i
     options = {"batch": binding.batch, "seq_len": binding.seq_len, "past_len": binding.past_len,
                "dims": dict(sorted(binding.dims.items())), "target": args.target}
     if config is not None:
-        options.update(format=config.fmt, group=args.group, group_fallback=args.group_fallback,
-                       outlier_frac=args.outlier_frac, gptq=args.gptq, rtn=args.rtn, quantize_head=True,
-                       calib_max_tokens=args.calib_max_tokens, calibration=calib)
+        options.update(quant_options(config, args), calibration=calib)
     options.update(topts)
     with OutputFolder(args.out) as out:
         out.write_json("graph.json", summary)

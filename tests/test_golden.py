@@ -26,7 +26,7 @@ def models(tiny):
     out = {}
     for fam in ("llama", "gpt2", "bert"):
         g = frontend(tiny.export(fam, "dynamo", 20, "prefill"))
-        out[fam] = (g, calibrate(g, calib_windows(16)))
+        out[fam] = (g, calibrate(g, calib_windows(16), hessian=True))
     return out
 
 
@@ -63,7 +63,7 @@ def test_decode_with_kv_cache_equals_prefill_bit_exactly(tiny):
     pre8 = frontend(tiny.export("llama", "dynamo", 20, "prefill", seq_len=8))
     pre9 = frontend(tiny.export("llama", "dynamo", 20, "prefill", seq_len=9))
     dec = frontend(tiny.export("llama", "dynamo", 20, "decode", past_len=8))
-    stats = calibrate(pre8, calib_windows(8))
+    stats = calibrate(pre8, calib_windows(8), hessian=True)
     cfg = QuantConfig("w3o6")
     q8, q9, qd = (quantize_model(g, cfg, stats) for g in (pre8, pre9, dec))
     # the three graphs hold the same weights: quantised identically

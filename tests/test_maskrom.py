@@ -20,7 +20,7 @@ FORMATS = [("w3o6", None), ("nvfp4", None), ("mxfp4", None), ("int4", 32), ("int
 
 def quantized(tiny, fam, fmt, group=None):
     g = frontend(tiny.export(fam, "dynamo", 20, "prefill"))
-    stats = calibrate(g, windows(np.random.default_rng(0).integers(0, 256, 64), 16))
+    stats = calibrate(g, windows(np.random.default_rng(0).integers(0, 256, 64), 16), hessian=True)
     return quantize_model(g, QuantConfig(fmt, group_size=group, quantize_head=True), stats)
 
 

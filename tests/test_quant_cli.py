@@ -111,3 +111,29 @@ def test_quantize_non_finite_weights(tmp_path, tiny_llama, ids_file, capsys):
     onnx.save(model, str(p))
     code, _, err = run_cli(capsys, "quantize", p, "--format", "int8", "-o", tmp_path / "q")
     assert_one_line_error(code, err, "inf.onnx", "non-finite", init.name)
+
+
+def test_eval_per_layer_table(tiny_llama, ids_file, capsys):
+    """One row per block and the LM head, then one per role across the blocks; the rows'
+    weights add up to the model's; int2 layers cost far more KLD than int8 ones."""
+    code, stdout, err = run_cli(capsys, "eval", tiny_llama, "--format", "int8", "--tokens", ids_file,
+                                "--per-layer", "--json")
+    assert code == 0, err
+    r8 = json.loads(stdout)
+    rows = r8["per_layer"]
+    layers = [x for x in rows if not x["layer"].startswith("all ")]
+    roles = [x["layer"] for x in rows if x["layer"].startswith("all ")]
+    assert [x["layer"] for x in layers] == ["layers.0", "layers.1", "lm_head"]
+    assert roles == ["all q_proj", "all k_proj", "all v_proj", "all o_proj", "all gate_proj",
+                     "all up_proj", "all down_proj"]
+    assert sum(x["linears"] for x in layers) == 15
+    assert sum(x["weights"] for x in layers[:-1]) == sum(x["weights"] for x in rows if x["layer"] in roles)
+    code, stdout, err = run_cli(capsys, "eval", tiny_llama, "--format", "int2", "--tokens", ids_file,
+                                "--per-layer", "--json")
+    r2 = json.loads(stdout)
+    for a, b in zip(r8["per_layer"][:2], r2["per_layer"][:2]):
+        assert a["kld_mean"] > 0 and b["kld_mean"] > 10 * a["kld_mean"]
+    code, stdout, err = run_cli(capsys, "eval", tiny_llama, "--format", "int4", "--tokens", ids_file, "--per-layer")
+    assert code == 0, err
+    assert "with the LM head" in stdout and "layers.1 " in stdout and "all down_proj" in stdout
+    assert "sum over the layers" in stdout

@@ -74,7 +74,7 @@ def test_golden_greedy_generation_says_paris(smol, graph, fmt):
     from tapeout.compiler.qmodel import QuantConfig, calibrate, quantize_model, windows
     _, _, tok = smol
     calib = np.array(tok(open(REPO / "compiler/data/calib.txt").read())["input_ids"])
-    stats = calibrate(graph, windows(calib[:512], 16)) if fmt == "w3o6" else None
+    stats = calibrate(graph, windows(calib[:512], 16), hessian=True) if fmt == "w3o6" else None
     qm = quantize_model(graph, QuantConfig(fmt), stats)
     text = greedy_golden(qm, tok, "The capital of France is", 3)
     assert "Paris" in text, text
@@ -112,7 +112,7 @@ def test_whole_model_fabric_model_equals_golden(smol, graph, fmt):
     stats = None
     if fmt == "w3o6":
         calib = np.array(tok(open(REPO / "compiler/data/calib.txt").read())["input_ids"])
-        stats = calibrate(graph, windows(calib[:256], 16))
+        stats = calibrate(graph, windows(calib[:256], 16), hessian=True)
     qm = quantize_model(graph, QuantConfig(fmt, quantize_head=True), stats)
     specs = specs_of(qm.program())
     base = choose_base(fmt, [s.shape for s in specs], 0)

@@ -7,13 +7,14 @@ import numpy as np
 
 from ..errors import TapeoutError
 from .fp4 import plan_mxfp4, plan_nvfp4
-from .gptq import gptq_codes
+from .gptq import DAMP, HessianFactor, gptq_codes
 from .intq import plan_int
 from .tensor import FP4_BLOCK, QuantTensor
 from .w3o6 import plan_w3o6
 
 KNOWN_FORMATS = ("w3o6", "mxfp4", "nvfp4", "int4", "int8")
 W3O6_GROUP = 64             # default w3o6 group (docs/formats.md: best quality at <= 3.6 bits)
+W3O6_OUTLIER_FRAC = 0.044   # default w3o6 outlier fraction (3.59 bits/weight at g64; docs/formats.md)
 INT_BITS = range(2, 9)
 WEIGHT_LIMIT = 2.0 ** 120
 
@@ -79,14 +80,18 @@ def check_weights(w) -> np.ndarray:
 
 
 def check_calibration(act_sq, hessian, n_in: int, gptq: bool, rtn: bool):
-    """-> (importance [in], hessian or None). Without calibration every input counts the same."""
+    """-> (importance [in], hessian or None). Without calibration every input counts the same.
+    ``hessian`` may be a :class:`~.gptq.HessianFactor` shared by the linears of one input."""
+    factor = hessian if isinstance(hessian, HessianFactor) else None
     if hessian is not None:
-        hessian = np.asarray(hessian, dtype=np.float64)
+        hessian = np.asarray(hessian.hessian if factor else hessian, dtype=np.float64)
         if hessian.shape != (n_in, n_in) or not np.all(np.isfinite(hessian)):
             raise TapeoutError(f"hessian must be a finite [{n_in}, {n_in}] matrix X^T X / n, "
                                f"not shape {hessian.shape}")
     if act_sq is None:
         act_sq = np.diag(hessian) if hessian is not None else np.ones(n_in)
+    if factor is not None:
+        hessian = factor
     act_sq = np.asarray(act_sq, dtype=np.float64)
     if act_sq.shape != (n_in,) or not np.all(np.isfinite(act_sq)) or np.any(act_sq < 0):
         raise TapeoutError(f"act_sq must be [{n_in}] finite non-negative mean squares of the "
@@ -99,19 +104,22 @@ def check_calibration(act_sq, hessian, n_in: int, gptq: bool, rtn: bool):
 
 
 def quantize(w: np.ndarray, fmt: str, *, group_size: int | None = None, bits: int | None = None,
-             outlier_frac: float = 0.01, act_sq: np.ndarray | None = None,
-             hessian: np.ndarray | None = None, gptq: bool = False,
-             rtn: bool = False) -> QuantTensor:
+             outlier_frac: float | None = None, act_sq: np.ndarray | None = None,
+             hessian: "np.ndarray | HessianFactor | None" = None, gptq: bool = False,
+             rtn: bool = False, damp: float = DAMP) -> QuantTensor:
     """Quantise a float weight ``w`` [out, in] (rows = output channels) to format ``fmt``.
 
     ``group_size`` runs along the input; int formats default to per channel, w3o6 to 64,
     mxfp4/nvfp4 are fixed at 32/16. ``act_sq`` [in] (mean of x_i**2 over calibration tokens)
     weights the error that scale search and w3o6's outlier saliency minimise; ``hessian``
-    [in, in] (X^T X / n) enables ``gptq``. ``rtn=True`` is plain round-to-nearest from absmax
+    [in, in] (X^T X / n) enables ``gptq`` (``damp``: the fraction of mean(diag H) added to
+    its diagonal). ``rtn=True`` is plain round-to-nearest from absmax
     scales (the baselines); otherwise int and w3o6 search a clipping ratio per group. mxfp4
     and nvfp4 always follow their specifications' scale rules.
     """
     fmt = resolve_format(fmt, bits)
+    if outlier_frac is None:
+        outlier_frac = W3O6_OUTLIER_FRAC
     w = check_weights(w)
     group_size = resolve_group(fmt, group_size, w.shape[1])
     if isinstance(outlier_frac, bool) or not isinstance(outlier_frac, (int, float, np.floating)) \
@@ -127,5 +135,7 @@ def quantize(w: np.ndarray, fmt: str, *, group_size: int | None = None, bits: in
         plan = plan_w3o6(w64, group_size, imp, float(outlier_frac), rtn)
     else:
         plan = plan_int(w64, int(fmt[3:]), group_size, imp, rtn)
+    if gptq and not isinstance(hessian, HessianFactor):
+        hessian = HessianFactor(hessian, damp=damp)
     codes = gptq_codes(w64, hessian, plan) if gptq else plan.round(w64)
     return plan.finish(codes)

@@ -64,6 +64,43 @@ class GridRounder:
         return codes
 
 
+@dataclass(frozen=True)
+class AlphabetRounder:
+    """Base codes from a non-uniform alphabet: ``levels`` (sorted integers on the fine step)
+    and the nearest level to w / step wins (a tie goes to the lower level); masked weights
+    are outliers, ``clip(rint(w / step), *outlier)`` as in :class:`GridRounder`."""
+
+    levels: tuple[int, ...]
+    outlier: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.levels) < 2 or list(self.levels) != sorted(set(self.levels)):
+            raise ValueError(f"alphabet levels must be sorted and distinct, not {self.levels!r}")
+
+    @property
+    def _table(self) -> tuple[np.ndarray, np.ndarray]:
+        lv = np.asarray(self.levels, dtype=np.float64)
+        return lv, (lv[1:] + lv[:-1]) / 2
+
+    def base(self, w: np.ndarray, step: np.ndarray) -> np.ndarray:
+        """The nearest level to w / step (float64 codes on the fine step)."""
+        lv, mids = self._table
+        return lv[np.searchsorted(mids, safe_div(w, step), side="left")]
+
+    def fine(self, w: np.ndarray, step: np.ndarray) -> np.ndarray:
+        return np.clip(np.rint(safe_div(w, step)), *self.outlier)
+
+    def __call__(self, w, step, mask=None):
+        if mask is True and self.outlier:
+            return self.fine(w, step)
+        codes = self.base(w, step)
+        if mask is None or mask is True or not self.outlier:
+            return codes
+        at = np.nonzero(np.broadcast_to(mask, codes.shape))
+        codes[at] = self.fine(np.broadcast_to(w, codes.shape)[at], np.broadcast_to(step, codes.shape)[at])
+        return codes
+
+
 @dataclass
 class Plan:
     fmt: str

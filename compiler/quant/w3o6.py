@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from .plan import (Chunk, GridRounder, Plan, group_chunks, grouped, integer_group_scales, safe_div,
+from .plan import (AlphabetRounder, Chunk, GridRounder, Plan, group_chunks, grouped, integer_group_scales, safe_div,
                    search_steps)
 from .tensor import W3O6_BASE, W3O6_OUTLIER, W3O6_RATIO
 
@@ -86,12 +86,16 @@ def select_outliers(saliency: np.ndarray, k: int, cap: int) -> np.ndarray:
     return mask.reshape(saliency.shape)
 
 
-def saliency(c: Chunk, step: np.ndarray) -> np.ndarray:
+def saliency(c: Chunk, step: np.ndarray, rounder=None) -> np.ndarray:
     """act_sq[i] * ((w - q3(w))**2 - (w - q6(w))**2) of the groups of ``c`` at steps [n]."""
     s = c.per_group(step)
-    coarse = W3O6_RATIO * s                    # q3 = c3 * (4 u), exactly (4 c3) * u
-    e3 = w3o6_rounder().base(c.w, coarse)
-    e3 *= coarse
+    if rounder is None:
+        coarse = W3O6_RATIO * s                # q3 = c3 * (4 u), exactly (4 c3) * u
+        e3 = w3o6_rounder().base(c.w, coarse)
+        e3 *= coarse
+    else:
+        e3 = rounder.base(c.w, s)
+        e3 *= s
     np.subtract(c.w, e3, out=e3)
     np.square(e3, out=e3)
     e6 = safe_div(c.w, s)
@@ -106,7 +110,8 @@ def saliency(c: Chunk, step: np.ndarray) -> np.ndarray:
 
 
 def plan_w3o6(w: np.ndarray, group_size: int, imp: np.ndarray, outlier_frac: float,
-              rtn: bool, *, cap: int | None = None, rounds: int = SELECT_ROUNDS) -> Plan:
+              rtn: bool, *, cap: int | None = None, rounds: int = SELECT_ROUNDS,
+              levels: tuple[int, ...] | None = None) -> Plan:
     """Outliers and scales of w3o6; ``imp`` (act_sq) weights both the outlier saliency and the
     scale search. Exactly round(outlier_frac * out * in) outliers, at most ``cap`` per group.
 
@@ -115,6 +120,11 @@ def plan_w3o6(w: np.ndarray, group_size: int, imp: np.ndarray, outlier_frac: flo
     out, n_in = w.shape
     w = np.ascontiguousarray(w)        # every w3o6 error sums contiguous groups: read rows
     ratio, rounder = W3O6_RATIO, w3o6_rounder()
+    top = None                          # the fine-step value absmax maps to at first
+    if levels is not None:
+        rounder = AlphabetRounder(tuple(levels), W3O6_OUTLIER)
+        lo, hi = levels[0], levels[-1]
+        top = max(-lo - (levels[1] - lo) / 2, hi - (hi - levels[-2]) / 2)
     w3, imp3 = grouped(w, group_size), imp.reshape(-1, group_size)
     groups = out * (n_in // group_size)
     k = int(round(outlier_frac * out * n_in))
@@ -128,7 +138,8 @@ def plan_w3o6(w: np.ndarray, group_size: int, imp: np.ndarray, outlier_frac: flo
         if c.at is not None:
             a[c.at] = 0
         amax = whole if c.at is None else a.max(axis=c.axis)
-        return np.where(amax > 0, amax / (-W3O6_BASE[0] - 0.5) / ratio,
+        base = amax / (-W3O6_BASE[0] - 0.5) / ratio if levels is None else amax / top
+        return np.where(amax > 0, base,
                         whole / (W3O6_OUTLIER[1] + 0.5))
 
     def base_step(mask3, sel):             # then (rtn=False) a clip search
@@ -140,7 +151,7 @@ def plan_w3o6(w: np.ndarray, group_size: int, imp: np.ndarray, outlier_frac: flo
     for _ in range(rounds if k else 0):
         flat = step.reshape(-1)
         for c in group_chunks(w3, imp3, groups=changed):
-            sal[c.sel] = c.rows(saliency(c, flat[c.sel]))
+            sal[c.sel] = c.rows(saliency(c, flat[c.sel], None if levels is None else rounder))
         new = select_outliers(sal.reshape(w3.shape), k, cap)
         changed = np.flatnonzero((new != mask3).any(axis=2))
         mask3 = new
