@@ -2,10 +2,13 @@
 weights, the float ("fake-quant") graph, and the integer golden model of the result."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import multiprocessing
 import os
-from concurrent.futures import ThreadPoolExecutor
+import sys
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -342,6 +345,34 @@ def linear_roles(graph: Graph, summary: dict | None = None) -> dict[str, str]:
     return roles
 
 
+PROCESS_WEIGHTS = 1 << 22    # models this large quantise in forked processes (GPTQ's column loop
+                             # holds the GIL); smaller ones on threads (no fork cost)
+_JOBS: list = []             # the jobs of the running quantize_model, inherited by forked workers
+
+
+def _quantise_job(i: int) -> QuantTensor:
+    w, fmt, kwargs = _JOBS[i]
+    return quantize(w, fmt, **kwargs)
+
+
+@contextlib.contextmanager
+def _quantise_pool(jobs: list):
+    """WORKERS forked processes on Linux for a large model (they inherit the jobs; only the
+    quantised tensors travel back), else WORKERS threads. Either gives the same tensors."""
+    global _JOBS
+    _JOBS = jobs
+    big = sum(w.size for w, _, _ in jobs) >= PROCESS_WEIGHTS
+    try:
+        if WORKERS > 1 and big and sys.platform == "linux":
+            with ProcessPoolExecutor(WORKERS, mp_context=multiprocessing.get_context("fork")) as pool:
+                yield pool
+        else:
+            with ThreadPoolExecutor(WORKERS) as pool:
+                yield pool
+    finally:
+        _JOBS = []
+
+
 def quantize_model(graph: Graph, config: QuantConfig, stats: CalibStats | None = None,
                    progress: Callable[[int, int], None] | None = None, summary: dict | None = None) -> QuantizedModel:
     """Quantise every ``linear`` weight of ``graph`` (the LM head per ``config``).
@@ -377,8 +408,8 @@ def quantize_model(graph: Graph, config: QuantConfig, stats: CalibStats | None =
                     kwargs.update(hessian=factors[op.inputs[0]], gptq=True)
         jobs.append((w, fmt, {k: v for k, v in kwargs.items() if v is not None}))
     weights = {}
-    with ThreadPoolExecutor(WORKERS) as pool:
-        futures = {i: pool.submit(quantize, jobs[i][0], jobs[i][1], **jobs[i][2])
+    with _quantise_pool(jobs) as pool:
+        futures = {i: pool.submit(_quantise_job, i)
                    for i in sorted(range(len(jobs)), key=lambda i: -jobs[i][0].size)}
         try:
             for i, op in enumerate(ops):
