@@ -72,6 +72,8 @@ def main() -> None:
     import smollm2
     from tokenizers import Tokenizer
 
+    from tapeout.compiler.quant import formats, smooth, w3o6  # noqa: F401  (loaded before any long run)
+
     from tapeout.compiler.evaluate import evaluate, reference_logits
     from tapeout.compiler.frontend import frontend
     from tapeout.compiler.qmodel import QuantConfig, calibrate, quantize_model, seq_len_of, windows
