@@ -92,8 +92,11 @@ def cmd_eval(args: argparse.Namespace, progress: Progress) -> int:
     if args.per_layer:
         from tapeout.compiler.evaluate import per_layer
 
-        def tick(i: int, total: int) -> None:
-            if progress.enabled:
+        import time
+        start = time.perf_counter()
+
+        def tick(i: int, total: int) -> None:      # a line per layer once scoring is slow
+            if progress.enabled and time.perf_counter() - start > progress.delay:
                 print(f"[tapeout] per-layer scoring: {i}/{total}", file=sys.stderr, flush=True)
         with progress.step("scoring one layer at a time"):
             result["per_layer"] = per_layer(graph, qm, ids, seq, max_tokens=args.max_tokens, progress=tick)

@@ -78,6 +78,7 @@ def test_eval_golden_path_from_text_with_a_tokenizer(tiny_llama, tokenizer_file,
     (["--format", "w3o6", "--outlier-frac", "1.5"], ["--outlier-frac", "[0, 1]"]),
     (["--format", "int4", "--group", "48"], ["group size 48 does not divide the 64 input features"]),
     (["--format", "w3o6"], ["calibration needs a tokenizer"]),
+    (["--format", "w3o6", "--gptq-damp", "-1"], ["--gptq-damp must be a positive number"]),
 ])
 def test_quantize_bad_options(tmp_path, tiny_llama, capsys, args, needles):
     out = tmp_path / "q"
@@ -137,3 +138,12 @@ def test_eval_per_layer_table(tiny_llama, ids_file, capsys):
     assert code == 0, err
     assert "with the LM head" in stdout and "layers.1 " in stdout and "all down_proj" in stdout
     assert "sum over the layers" in stdout
+
+
+def test_help_states_the_quantiser_defaults():
+    """The CLI keeps numpy out of --help, so its help text repeats two constants: keep them equal."""
+    from tapeout.cli import build_parser
+    from tapeout.compiler.quant.formats import W3O6_OUTLIER_FRAC
+    from tapeout.compiler.quant.gptq import DAMP
+    text = " ".join(build_parser()._subparsers._group_actions[0].choices["quantize"].format_help().split())
+    assert f"(default {W3O6_OUTLIER_FRAC}:" in text and f"(default {DAMP})" in text

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 from tapeout.backends.model_shape import ModelShape, format_cost
+from tapeout.compiler.quant.formats import W3O6_OUTLIER_FRAC
 
 from .machine import Machine
 
@@ -36,7 +37,7 @@ def _block_cycles(out: int, inp: int, bpw: float, m: Machine, unit: int) -> tupl
     return cycles, n_i * n_k * block + n_i * 10 * cols
 
 
-def estimate_dataflow(shape: ModelShape, fmt: str, m: Machine, outlier_frac: float = 0.01) -> dict:
+def estimate_dataflow(shape: ModelShape, fmt: str, m: Machine, outlier_frac: float = W3O6_OUTLIER_FRAC) -> dict:
     fc = format_cost(fmt)
     unit = 16 if fmt == "nvfp4" else 32
     per_layer = {}

@@ -17,6 +17,7 @@ from typing import Any
 from tapeout.backends.model_shape import (FORMATS, FormatCost, ModelShape, derive_linears,  # noqa: F401
                                           format_cost, kv_cache_bytes, shape_from_hf_config, shape_from_summary)
 from tapeout.compiler.errors import TapeoutError
+from tapeout.compiler.quant.formats import W3O6_OUTLIER_FRAC
 
 from .base import Family, family_for
 
@@ -223,7 +224,7 @@ class _Chip:
 
 
 def estimate(shape: ModelShape, fmt: str, tech: dict | str | Path = "n5", *, context: int | None = None,
-             clock_hz: float | None = None, outlier_frac: float = 0.03,
+             clock_hz: float | None = None, outlier_frac: float = W3O6_OUTLIER_FRAC,
              arch: dict[str, int] | None = None) -> dict[str, Any]:
     """Area, transistors, ROM bits, SRAM bytes, energy per token, tokens/s per user and power of
     a mask-ROM chip holding ``shape`` in format ``fmt``, per component (docs/estimates.md).
