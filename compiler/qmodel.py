@@ -22,7 +22,7 @@ from .ir import Graph, Op
 from .program import IntegerProgram, Interface
 from .quant import QuantTensor, quantize
 from .quant.formats import W3O6_OUTLIER_FRAC, resolve_format
-from .quant.gptq import DAMP, HessianFactor
+from .quant.gptq import DAMP, HessianFactor, check_damp
 from .structure import recognise
 
 
@@ -244,7 +244,7 @@ class QuantConfig:
     quantize_head: bool = False
     head_format: str = "int8"
     group_fallback: bool = False     # a group that does not divide a layer's inputs -> gcd(in, group)
-    damp: float = DAMP               # GPTQ: fraction of mean(diag H) added to H's diagonal
+    damp: float | None = None        # GPTQ: fraction of mean(diag H) added to H's diagonal
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fmt", resolve_format(self.fmt, self.bits))
@@ -253,8 +253,7 @@ class QuantConfig:
             object.__setattr__(self, "outlier_frac", W3O6_OUTLIER_FRAC)
         if self.gptq is None:
             object.__setattr__(self, "gptq", self.fmt == "w3o6" and not self.rtn)
-        if not (isinstance(self.damp, (int, float)) and not isinstance(self.damp, bool) and 0 < self.damp < 1e6):
-            raise TapeoutError(f"--gptq-damp must be a positive number, not {self.damp}")
+        object.__setattr__(self, "damp", DAMP if self.damp is None else check_damp(self.damp, "--gptq-damp"))
         if not 0.0 <= self.outlier_frac <= 1.0:
             raise TapeoutError(f"--outlier-frac must be in [0, 1], not {self.outlier_frac}")
         if self.group_size is not None and self.group_size < 1:

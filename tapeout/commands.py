@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from tapeout import __version__
@@ -91,8 +92,6 @@ def cmd_eval(args: argparse.Namespace, progress: Progress) -> int:
     result["calibration_tokens"] = stats.tokens if stats else 0
     if args.per_layer:
         from tapeout.compiler.evaluate import per_layer
-
-        import time
         start = time.perf_counter()
 
         def tick(i: int, total: int) -> None:      # a line per layer once scoring is slow

@@ -25,7 +25,6 @@ from tapeout.output import MANIFEST, OutputFolder, input_hashes, sha256_file
 from tapeout.progress import Progress
 
 
-
 def binding_from_args(args: argparse.Namespace) -> Binding:
     dims = {}
     for item in args.dim:
@@ -98,9 +97,9 @@ def check_ids(ids, graph, what: str, file: str) -> None:
 
 def quant_config(args: argparse.Namespace):
     from tapeout.compiler.qmodel import QuantConfig
-    extra = {} if getattr(args, "gptq_damp", None) is None else {"damp": args.gptq_damp}
     return QuantConfig(args.format, group_size=args.group, outlier_frac=args.outlier_frac, gptq=args.gptq,
-                       rtn=args.rtn, quantize_head=args.quantize_head, group_fallback=args.group_fallback, **extra)
+                       rtn=args.rtn, quantize_head=args.quantize_head, group_fallback=args.group_fallback,
+                       damp=getattr(args, "gptq_damp", None))
 
 
 def quant_options(config, args: argparse.Namespace) -> dict:

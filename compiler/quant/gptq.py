@@ -19,6 +19,13 @@ DAMP = 0.1           # fraction of mean(diag H) added to the diagonal: with ~2k 
 BLOCK = 128          # columns per lazy batch update
 
 
+def check_damp(damp, what: str = "GPTQ damping") -> float:
+    """``damp`` as a float, if it is a positive number (a fraction of mean(diag H))."""
+    if isinstance(damp, bool) or not isinstance(damp, (int, float, np.floating)) or not 0 < damp < 1e6:
+        raise TapeoutError(f"{what} must be a positive number, not {damp!r}")
+    return float(damp)
+
+
 def lower_inverse(low: np.ndarray, leaf: int = 128) -> np.ndarray:
     """Inverse of a lower-triangular matrix by halves: inv [[A, 0], [C, D]] is
     [[inv A, 0], [-inv D C inv A, inv D]] (matrix products instead of a general inverse)."""
@@ -53,9 +60,7 @@ class HessianFactor:
     first use, thread-safely) for all the linears that read it (q, k and v share one)."""
 
     def __init__(self, hessian: np.ndarray, act_order: bool = True, damp: float = DAMP) -> None:
-        if not (isinstance(damp, (int, float)) and 0 < damp < 1e6):
-            raise TapeoutError(f"GPTQ damping must be a positive fraction of mean(diag H), not {damp!r}")
-        self.hessian, self.act_order, self.damp = hessian, act_order, float(damp)
+        self.hessian, self.act_order, self.damp = hessian, act_order, check_damp(damp)
         self._lock = threading.Lock()
         self._value: tuple[np.ndarray, np.ndarray] | None = None
 

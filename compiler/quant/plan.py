@@ -26,8 +26,28 @@ def safe_div(w: np.ndarray, step: np.ndarray) -> np.ndarray:
     return w / np.where(step > 0, step, np.inf)
 
 
+class _OutlierRounding:
+    """Shared by the rounders: ``coarse(w, step)`` gives base codes on the fine step ``step``;
+    with ``outlier`` = (lo, hi), masked weights get ``clip(rint(w / step), *outlier)``."""
+
+    outlier: tuple[int, int] | None
+
+    def fine(self, w: np.ndarray, step: np.ndarray) -> np.ndarray:
+        return np.clip(np.rint(safe_div(w, step)), *self.outlier)
+
+    def __call__(self, w, step, mask=None):
+        if mask is True and self.outlier:                   # every weight an outlier
+            return self.fine(w, step)
+        codes = self.coarse(w, step)
+        if mask is None or mask is True or not self.outlier:
+            return codes
+        at = np.nonzero(np.broadcast_to(mask, codes.shape))  # outliers are few: only there
+        codes[at] = self.fine(np.broadcast_to(w, codes.shape)[at], np.broadcast_to(step, codes.shape)[at])
+        return codes
+
+
 @dataclass(frozen=True)
-class GridRounder:
+class GridRounder(_OutlierRounding):
     """Codes ``unit * clip(rint(w / (unit * step)), lo, hi)`` (rint is round-half-to-even);
     with ``outlier`` = (lo, hi), masked weights get ``clip(rint(w / step), *outlier)`` instead
     (w3o6's fine-grid outliers). ``unit`` is a power of two, so ``c * (unit * step)`` equals
@@ -48,24 +68,16 @@ class GridRounder:
         np.rint(codes, out=codes)
         return np.clip(codes, float(self.lo), float(self.hi), out=codes)
 
-    def fine(self, w: np.ndarray, step: np.ndarray) -> np.ndarray:
-        return np.clip(np.rint(safe_div(w, step)), *self.outlier)
-
-    def __call__(self, w, step, mask=None):
-        if mask is True and self.outlier:                   # every weight an outlier
-            return self.fine(w, step)
+    def coarse(self, w: np.ndarray, step: np.ndarray) -> np.ndarray:
+        """Base codes on the fine step: unit * base(w, unit * step)."""
         codes = self.base(w, self.unit * step)
         if self.unit != 1:
             codes *= self.unit
-        if mask is None or mask is True or not self.outlier:
-            return codes
-        at = np.nonzero(np.broadcast_to(mask, codes.shape))  # outliers are few: only there
-        codes[at] = self.fine(np.broadcast_to(w, codes.shape)[at], np.broadcast_to(step, codes.shape)[at])
         return codes
 
 
 @dataclass(frozen=True)
-class AlphabetRounder:
+class AlphabetRounder(_OutlierRounding):
     """Base codes from a non-uniform alphabet: ``levels`` (sorted integers on the fine step)
     and the nearest level to w / step wins (a tie goes to the lower level); masked weights
     are outliers, ``clip(rint(w / step), *outlier)`` as in :class:`GridRounder`."""
@@ -82,23 +94,10 @@ class AlphabetRounder:
         lv = np.asarray(self.levels, dtype=np.float64)
         return lv, (lv[1:] + lv[:-1]) / 2
 
-    def base(self, w: np.ndarray, step: np.ndarray) -> np.ndarray:
+    def coarse(self, w: np.ndarray, step: np.ndarray) -> np.ndarray:
         """The nearest level to w / step (float64 codes on the fine step)."""
         lv, mids = self._table
         return lv[np.searchsorted(mids, safe_div(w, step), side="left")]
-
-    def fine(self, w: np.ndarray, step: np.ndarray) -> np.ndarray:
-        return np.clip(np.rint(safe_div(w, step)), *self.outlier)
-
-    def __call__(self, w, step, mask=None):
-        if mask is True and self.outlier:
-            return self.fine(w, step)
-        codes = self.base(w, step)
-        if mask is None or mask is True or not self.outlier:
-            return codes
-        at = np.nonzero(np.broadcast_to(mask, codes.shape))
-        codes[at] = self.fine(np.broadcast_to(w, codes.shape)[at], np.broadcast_to(step, codes.shape)[at])
-        return codes
 
 
 @dataclass

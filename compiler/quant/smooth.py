@@ -67,8 +67,9 @@ def _constant(graph: Graph, t: str | None) -> bool:
 
 
 def _site(graph: Graph, x: str, readers: tuple[str, ...], maker: Op | None) -> Site | None:
-    if maker is None or len(maker.outputs) != 1 or len(graph.consumer_ops(maker.outputs[0])) != 1 \
-            and graph.producer_op(x) is not maker:
+    through_reshape = graph.producer_op(x) is not maker
+    if maker is None or len(maker.outputs) != 1 \
+            or (through_reshape and len(graph.consumer_ops(maker.outputs[0])) != 1):
         return None
     if maker.kind in ("rmsnorm", "layernorm") and len(maker.inputs) >= 2 \
             and all(_constant(graph, t) for t in maker.inputs[1:] if t):

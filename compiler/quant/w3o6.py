@@ -12,8 +12,8 @@ import math
 
 import numpy as np
 
-from .plan import (AlphabetRounder, Chunk, GridRounder, Plan, group_chunks, grouped, integer_group_scales, safe_div,
-                   search_steps)
+from .plan import (AlphabetRounder, Chunk, GridRounder, Plan, group_chunks, grouped, integer_group_scales,
+                   safe_div, search_steps)
 from .tensor import W3O6_BASE, W3O6_OUTLIER, W3O6_RATIO
 
 # base-step clipping ratios tried per group, relative to absmax(non-outliers) / 3.5
@@ -87,15 +87,11 @@ def select_outliers(saliency: np.ndarray, k: int, cap: int) -> np.ndarray:
 
 
 def saliency(c: Chunk, step: np.ndarray, rounder=None) -> np.ndarray:
-    """act_sq[i] * ((w - q3(w))**2 - (w - q6(w))**2) of the groups of ``c`` at steps [n]."""
+    """act_sq[i] * ((w - q3(w))**2 - (w - q6(w))**2) of the groups of ``c`` at steps [n]
+    (q3 by ``rounder``'s base codes, the uniform w3o6 grid by default)."""
     s = c.per_group(step)
-    if rounder is None:
-        coarse = W3O6_RATIO * s                # q3 = c3 * (4 u), exactly (4 c3) * u
-        e3 = w3o6_rounder().base(c.w, coarse)
-        e3 *= coarse
-    else:
-        e3 = rounder.base(c.w, s)
-        e3 *= s
+    e3 = (rounder or w3o6_rounder()).coarse(c.w, s)     # (4 c3) * u == c3 * (4 u) exactly
+    e3 *= s
     np.subtract(c.w, e3, out=e3)
     np.square(e3, out=e3)
     e6 = safe_div(c.w, s)
@@ -151,7 +147,7 @@ def plan_w3o6(w: np.ndarray, group_size: int, imp: np.ndarray, outlier_frac: flo
     for _ in range(rounds if k else 0):
         flat = step.reshape(-1)
         for c in group_chunks(w3, imp3, groups=changed):
-            sal[c.sel] = c.rows(saliency(c, flat[c.sel], None if levels is None else rounder))
+            sal[c.sel] = c.rows(saliency(c, flat[c.sel], rounder))
         new = select_outliers(sal.reshape(w3.shape), k, cap)
         changed = np.flatnonzero((new != mask3).any(axis=2))
         mask3 = new
