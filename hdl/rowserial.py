@@ -163,15 +163,28 @@ class RowSpec:
         return max(1, (self.word_lines - 1).bit_length())
 
     # --- datapath widths (as the RTL builds them) ------------------------------------------
+    def odd_lines(self) -> list[int]:
+        """The odd multiples above 1 a column forms with adders (3 for w3o6 and fp4)."""
+        return sorted({m >> ((m & -m).bit_length() - 1) for m in self.fmt.magnitudes()} - {1})
+
+    def odd_width(self, o: int) -> int:
+        """Unsigned width of the line |x| * o (|x| takes act_bits bits: |-2**(act-1)|)."""
+        return self.act_bits if o == 1 else self.act_bits + o.bit_length()
+
     def line_width(self, mag: int) -> int:
-        """Unsigned width of the product line ``|x| * mag`` as built (x signed act_bits)."""
-        return self.act_bits - 1 + mag.bit_length() + 1
+        tz = (mag & -mag).bit_length() - 1
+        return tz + self.odd_width(mag >> tz)
+
+    @property
+    def bus_width(self) -> int:
+        """The column bus: the widest product line."""
+        return max(self.line_width(v) for v in self.fmt.magnitudes())
 
     @property
     def leaf_width(self) -> int:
         if self.fmt.multiply:
             return self.act_bits + self.fmt.code_bits
-        return max(self.line_width(v) for v in self.fmt.magnitudes()) + 1
+        return self.bus_width + 1
 
     @property
     def slot_product_width(self) -> int:
@@ -190,51 +203,85 @@ class RowSpec:
         return _tree_widths(self.unit_leaves())[-1] if len(self.unit_leaves()) > 1 else self.unit_leaves()[0]
 
     @property
+    def scaled_width(self) -> int:
+        return self.part_width + self.fmt.m_bits + 1 if self.fmt.m_bits else self.part_width
+
+    @property
     def shift_amount_bits(self) -> int:
         return max(self.fmt.e_bits, self.shift_bits) + 1 if self.fmt.e_bits else self.shift_bits
 
-    def generator_adders(self) -> list[int]:
-        """Adder widths of one column's product-line generators (one per odd multiple > 1)."""
-        if self.fmt.multiply:
-            return []
-        odd = sorted({m >> ((m & -m).bit_length() - 1) for m in self.fmt.magnitudes()} - {1})
-        out = []
-        for m in odd:
-            terms = _csd_terms(m)
-            w = self.act_bits + max(k for _, k in terms) + 1
-            out += [w] * (len(terms) - 1)
+    @property
+    def select_cases(self) -> int:
+        """Cases of a column's select: the lines, plus zero when the code index covers them all
+        (Yosys folds the last entry of a partly covered index into the default)."""
+        n = len(self.fmt.magnitudes())
+        return n + 1 if n + 1 == 1 << n.bit_length() else n
+
+    def multipliers(self) -> dict[str, tuple[int, int]]:
+        """Yosys multiplier cell name -> its operand widths."""
+        fmt, A = self.fmt, self.act_bits
+        out = {}
+        if fmt.multiply:
+            out[f"$mul_{A + fmt.code_bits}"] = (A, fmt.code_bits)
+        if fmt.slots:
+            out[f"$mul_{self.slot_product_width}"] = (A, fmt.slot_bits)
+        if fmt.m_bits:
+            out[f"$mul_{self.scaled_width}"] = (self.part_width, fmt.m_bits + 1)
         return out
 
-    def counts(self) -> dict:
-        """The components of one tile, as the RTL instantiates them (Yosys-comparable).
-
-        ``adders``: widths of every two-input adder/subtractor (generators, unit trees, the
-        shift-amount adders, the unit sum); ``multipliers``: (a, b) operand widths;
-        ``flops``: register bits (the registered partial sum); ``rom_bits``: cells of the
-        word-line ROM; ``select_bits``: bits of the column selects (mux inputs)."""
-        fmt, U, nu = self.fmt, self.unit, self.units
-        adders = self.generator_adders() * self.cols
-        adders += _tree_widths(self.unit_leaves()) * nu
-        if not fmt.multiply:
-            adders += _tree_widths([1] * U) * nu           # carry count of the negated leaves
-        mults = []
+    def cells(self) -> dict[str, int]:
+        """The word-level cells of one tile, named as Yosys's ``stat -width`` names them after
+        ``proc; flatten; opt; wreduce`` (type_width, pmux type_width_cases): what the RTL
+        instantiates, counted from this description alone. Comparators and the small code
+        decode ROMs are in :meth:`counts` (``decode``)."""
+        from collections import Counter
+        fmt, nu, A = self.fmt, self.units, self.act_bits
+        c: Counter = Counter()
         if fmt.multiply:
-            mults += [(self.act_bits, fmt.code_bits)] * self.cols
-        mults += [(self.act_bits, fmt.slot_bits)] * fmt.slots
-        scaled = self.part_width
+            c[f"$mul_{A + fmt.code_bits}"] += self.cols
+        else:
+            c[f"$neg_{A}"] += self.cols                        # |x| per column
+            c[f"$mux_{A}"] += self.cols
+            for o in self.odd_lines():
+                terms = _csd_terms(o)
+                op = "$add" if terms[0][0] > 0 else "$sub"
+                c[f"{op}_{self.odd_width(o)}"] += self.cols * (len(terms) - 1)
+            c[f"$pmux_{self.bus_width}_{self.select_cases}"] += self.cols
+            c["$xor_1"] += self.cols                          # sign of the line
+            c[f"$xor_{self.leaf_width}"] += self.cols         # one's complement of a negative line
+            for w in _tree_widths([1] * self.unit):           # count of the +1s
+                c[f"$add_{w}"] += nu
+        if fmt.slots:
+            c[f"$pmux_{A}_{self.cols}"] += fmt.slots          # the slot's column
+            c[f"$mul_{self.slot_product_width}"] += fmt.slots
+            if nu > 1:
+                c[f"$mux_{self.slot_product_width}"] += fmt.slots * nu
+        for w in _tree_widths(self.unit_leaves()):
+            c[f"$add_{w}"] += nu
         if fmt.m_bits:
-            mults += [(self.part_width, fmt.m_bits + 1)] * nu
-            scaled = self.part_width + fmt.m_bits + 1
+            c[f"$mul_{self.scaled_width}"] += nu
         if fmt.e_bits:
-            adders += [self.shift_amount_bits] * nu
-        adders += _tree_widths([self.acc_bits] * nu)
-        mags = fmt.magnitudes()
-        select = 0 if fmt.multiply else self.cols * sum(self.line_width(v) for v in mags)
-        select += fmt.slots * (U * self.act_bits)            # slot column muxes
-        return {"adders": adders, "multipliers": mults, "flops": self.acc_bits,
-                "rom_bits": self.word_lines * self.word_bits, "word_bits": self.word_bits,
-                "select_bits": select, "shifter_mux_bits": nu * self.shift_amount_bits * self.acc_bits,
-                "scaled_width": scaled}
+            c[f"$add_{self.shift_amount_bits}"] += nu
+        for k in range(self.shift_amount_bits):
+            c[f"$mux_{min(self.acc_bits, self.scaled_width + (1 << (k + 1)) - 2)}"] += nu
+        c[f"$add_{self.acc_bits}"] += nu - 1                  # the units' sum, modulo 2**acc_bits
+        c[f"$sdff_{self.acc_bits}"] += 1                      # the registered partial sum
+        return dict(c)
+
+    def counts(self) -> dict:
+        """The tile's components for the estimate: ``cells`` (:meth:`cells`), ``rom_bits``
+        (the word-line ROM), ``lut_bits`` (the per-column code decode ROMs), ``decode`` (bits
+        of the select comparators), ``word_bits``."""
+        fmt = self.fmt
+        idx_bits = len(fmt.magnitudes()).bit_length()
+        lut = 0 if fmt.multiply else self.cols * len(fmt.values) * (idx_bits + 1)
+        # the selects' case comparators ($eq / $logic_not): one per case of every column select
+        # and slot column select, one per slot for its unit
+        comparators = [] if fmt.multiply else [idx_bits] * (self.cols * self.select_cases)
+        comparators += [self.col_bits] * (fmt.slots * self.cols) + ([1] * fmt.slots if self.units > 1 else [])
+        return {"cells": self.cells(), "multipliers": self.multipliers(),
+                "rom_bits": self.word_lines * self.word_bits, "lut_bits": lut,
+                "comparators": len(comparators), "comparator_bits": sum(comparators), "word_bits": self.word_bits}
 
 
 # --- the ROM image of a linear -----------------------------------------------------------------
@@ -509,7 +556,7 @@ class RowSerialTile(wiring.Component):
             neg_of = [1 if v < 0 else 0 for v in fmt.values]
             mag_lut = Array([Const(k, range(len(mags) + 1)) for k in mag_of])
             neg_lut = Array([Const(k, 1) for k in neg_of])
-            lw = s.leaf_width - 1
+            lw = s.bus_width
             signs = [[] for _ in range(s.units)]
             for c in range(s.cols):
                 lines = self._lines(m, self.x[c], mags, c)
@@ -544,7 +591,7 @@ class RowSerialTile(wiring.Component):
             m.d.comb += part.eq(tree_sum(terms))
             scaled = part
             if fmt.m_bits:
-                scaled = Signal(signed(s.part_width + fmt.m_bits + 1), name=f"scaled_u{u}")
+                scaled = Signal(signed(s.scaled_width), name=f"scaled_u{u}")
                 m.d.comb += scaled.eq(part * Cat(field_of("m", u), Const(0, 1)).as_signed())
             amount = self.sh[u]
             if fmt.e_bits:
@@ -571,7 +618,7 @@ class RowSerialTile(wiring.Component):
                 for d, k in sorted(terms, key=lambda t: -t[1]):
                     t = Cat(Const(0, k), ax) if k else ax
                     acc = t if acc is None else (acc + t if d > 0 else acc - t)
-                sig = Signal(unsigned(s.act_bits + o.bit_length()), name=f"line_c{c}_x{o}")
+                sig = Signal(unsigned(s.odd_width(o)), name=f"line_c{c}_x{o}")
                 m.d.comb += sig.eq(acc)
                 odd[o] = sig
             line = Cat(Const(0, tz), odd[o]) if tz else odd[o]

@@ -353,57 +353,10 @@ def estimate(shape: ModelShape, fmt: str, tech: dict | str | Path = "n5", *, con
     const_bits = scale_rom + outs * (16 + 6 + 32)
     chip.add("scale_rom", rom_bits=const_bits, counts={"bits": const_bits})
 
-    # ---- embedding and constant ROMs (read-out ROMs: one 1T cell per bit)
-    emb_rows = shape.vocab + shape.positions
-    bpw_emb = fc.bits_per_weight(max(shape.vocab, 1), h, outlier_frac)
-    emb_bits = emb_rows * h * bpw_emb
-    chip.add("embedding_rom", cell_t=emb_bits, rom_bits=emb_bits,
-             energy=(h * bpw_emb * (2 if shape.positions else 1)) * E.rom_bit if emb_rows else 0.0,
-             counts={"rows": emb_rows, "bits": emb_bits, "bits_per_weight": round(bpw_emb, 4)})
-    norm_bits = (2 * L + 1) * h * 32 * (2 if shape.norm == "layernorm" else 1)
-    rope_bits = 0 if shape.positions else ctx * D * 16        # cos and sin, Q16 halves
-    chip.add("constants_rom", cell_t=rope_bits, rom_bits=norm_bits + rope_bits,
-             energy=L * D * 16 * E.rom_bit,
-             counts={"norm_bits": norm_bits, "rope_bits": rope_bits})
-
-    # ---- SRAM: KV cache and activation buffers
-    kv_per_token = L * 2 * KV * D
-    kv_bytes = kv_cache_bytes([(KV, D)] * L, ctx)             # int8 + one shift byte per 32-block
-    P = a["attn_positions_per_cycle"]
-    kv_read_bits = 8 * ctx * (kv_per_token + kv_per_token // 32)
-    kv_write_bits = 8 * (kv_per_token + kv_per_token // 32)
-    chip.add("kv_sram", sram_bits=8 * kv_bytes, energy=(kv_read_bits + kv_write_bits) * E.sram_bit,
-             counts={"bytes": kv_bytes, "read_bits_per_token": kv_read_bits})
-    mlp_vec = (3 * I if shape.gated_mlp else 2 * I)
-    vec_words = 3 * h + (H + 2 * KV) * D + H * D + h + mlp_vec + h    # one layer's vectors (Q16)
-    act_bytes = L * 2 * vec_words * 4 + 2 * shape.vocab * 4           # double buffered, logits
-    chip.add("act_sram", sram_bits=8 * act_bytes,
-             energy=(L * vec_words + shape.vocab) * 32 * 2 * E.sram_bit,
-             counts={"bytes": act_bytes})
-
-    # ---- attention engines (one per layer) and vector units
-    t_attn_layer = P * (2 * H * D * (t_mult(act, act) + t_adder(32))) + H * D * t_reg(32) \
-        + P * H * (3 * t_mult(16, 16) + 2 * t_adder(32)) + H * (2 * t_reg(32) + 2 * t_mult(32, 32)) \
-        + V * t_mult(32, 16)
-    e_attn = L * ctx * (2 * H * D * (E.mult(act, act) + E.add(32)) + H * (3 * E.mult(16, 16) + 2 * E.add(32))) \
-        + L * H * D * E.mult(32, 16)
-    chip.add("attention", logic_t=L * t_attn_layer, energy=e_attn,
-             counts={"engines": L, "macs_per_cycle": L * P * 2 * H * D, "macs_per_token": L * ctx * 2 * H * D})
-    lane = {"norm": 2 * t_mult(32, 16) + t_adder(48), "rope": 2 * t_mult(32, 16) + t_adder(32),
-            "act": 3 * t_mult(16, 16) + 2 * t_mult(32, 16), "residual": t_adder(32),
-            "mx_quantise": 2 * t_adder(32) + t_reg(32)}
-    per_layer = V * (2 * lane["norm"] + lane["rope"] + lane["act"] + 2 * lane["residual"] + 4 * lane["mx_quantise"]) \
-        + 2 * 4 * t_mult(32, 32)
-    t_vec = L * per_layer + V * (lane["norm"] + 2 * t_adder(32) + t_reg(32)) + 4 * t_mult(32, 32)
-    e_norm = h * (2 * E.mult(32, 16) + E.add(48))
-    e_vec = (2 * L + 1) * e_norm + L * ((H + KV) * D * (2 * E.mult(32, 16) + E.add(32))
-                                        + I * (3 * E.mult(16, 16) + 2 * E.mult(32, 16))
-                                        + 2 * h * E.add(32) + (2 * h + H * D + I) * 2 * E.add(32)) \
-        + shape.vocab * E.add(32)
-    chip.add("vector_units", logic_t=t_vec, energy=e_vec, counts={"lanes": V, "units_per_layer": 10})
-    io_t = v["io_area_mm2"] * v["logic_density_mtr_per_mm2"] * 1e6 * 0.25
-    chip.add("io", cell_t=io_t, extra_area_mm2=v["io_area_mm2"], energy=64 * v["e_io_bit_j"],
-             static_w=v["io_power_w"], counts={"bits_per_token": 64})
+    memo = add_shared_parts(chip, shape, fmt, fc, v, E, ctx=ctx, outlier_frac=outlier_frac,
+                            positions_per_cycle=a["attn_positions_per_cycle"], engines=L, lanes=V)
+    emb_bits, norm_bits, rope_bits = memo["emb_bits"], memo["norm_bits"], memo["rope_bits"]
+    kv_bytes, act_bytes, P = memo["kv_bytes"], memo["act_bytes"], a["attn_positions_per_cycle"]
 
     # ---- cycle model: one token through the layers (docs/estimates.md)
     # product lines 1, the unit tree and the unit combine (log2 C levels), scale multiply 1,
@@ -474,6 +427,69 @@ def estimate(shape: ModelShape, fmt: str, tech: dict | str | Path = "n5", *, con
         "pipeline": pipeline,
         "components": comps, "assumptions": assumptions,
     }
+
+
+
+def add_shared_parts(chip: "_Chip", shape: ModelShape, fmt: str, fc: FormatCost, v: dict, E: "_Energy", *,
+                     ctx: int, outlier_frac: float, positions_per_cycle: int, engines: int, lanes: int) -> dict:
+    """The chip beside its weight fabric: embedding and constant ROMs, KV and activation SRAM,
+    attention engines, vector units, host interface. ``engines``: attention engines and vector
+    unit sets (one per layer when all layers run at once; one, shared, when they run in turn);
+    the activation buffers hold that many layers' vectors."""
+    L, h, H, KV, D, I = shape.layers, shape.hidden, shape.heads, shape.kv_heads, shape.head_dim, shape.intermediate
+    act, V, P = family_for(fmt).act_bits, lanes, positions_per_cycle
+    # ---- embedding and constant ROMs (read-out ROMs: one 1T cell per bit)
+    emb_rows = shape.vocab + shape.positions
+    bpw_emb = fc.bits_per_weight(max(shape.vocab, 1), h, outlier_frac)
+    emb_bits = emb_rows * h * bpw_emb
+    chip.add("embedding_rom", cell_t=emb_bits, rom_bits=emb_bits,
+             energy=(h * bpw_emb * (2 if shape.positions else 1)) * E.rom_bit if emb_rows else 0.0,
+             counts={"rows": emb_rows, "bits": emb_bits, "bits_per_weight": round(bpw_emb, 4)})
+    norm_bits = (2 * L + 1) * h * 32 * (2 if shape.norm == "layernorm" else 1)
+    rope_bits = 0 if shape.positions else ctx * D * 16        # cos and sin, Q16 halves
+    chip.add("constants_rom", cell_t=rope_bits, rom_bits=norm_bits + rope_bits,
+             energy=L * D * 16 * E.rom_bit,
+             counts={"norm_bits": norm_bits, "rope_bits": rope_bits})
+
+    # ---- SRAM: KV cache and activation buffers
+    kv_per_token = L * 2 * KV * D
+    kv_bytes = kv_cache_bytes([(KV, D)] * L, ctx)             # int8 + one shift byte per 32-block
+    kv_read_bits = 8 * ctx * (kv_per_token + kv_per_token // 32)
+    kv_write_bits = 8 * (kv_per_token + kv_per_token // 32)
+    chip.add("kv_sram", sram_bits=8 * kv_bytes, energy=(kv_read_bits + kv_write_bits) * E.sram_bit,
+             counts={"bytes": kv_bytes, "read_bits_per_token": kv_read_bits})
+    mlp_vec = (3 * I if shape.gated_mlp else 2 * I)
+    vec_words = 3 * h + (H + 2 * KV) * D + H * D + h + mlp_vec + h    # one layer's vectors (Q16)
+    act_bytes = min(engines, L) * 2 * vec_words * 4 + 2 * shape.vocab * 4           # double buffered, logits
+    chip.add("act_sram", sram_bits=8 * act_bytes,
+             energy=(L * vec_words + shape.vocab) * 32 * 2 * E.sram_bit,
+             counts={"bytes": act_bytes})
+
+    # ---- attention engines (one per layer) and vector units
+    t_attn_layer = P * (2 * H * D * (t_mult(act, act) + t_adder(32))) + H * D * t_reg(32) \
+        + P * H * (3 * t_mult(16, 16) + 2 * t_adder(32)) + H * (2 * t_reg(32) + 2 * t_mult(32, 32)) \
+        + V * t_mult(32, 16)
+    e_attn = L * ctx * (2 * H * D * (E.mult(act, act) + E.add(32)) + H * (3 * E.mult(16, 16) + 2 * E.add(32))) \
+        + L * H * D * E.mult(32, 16)
+    chip.add("attention", logic_t=engines * t_attn_layer, energy=e_attn,
+             counts={"engines": engines, "macs_per_cycle": engines * P * 2 * H * D, "macs_per_token": L * ctx * 2 * H * D})
+    lane = {"norm": 2 * t_mult(32, 16) + t_adder(48), "rope": 2 * t_mult(32, 16) + t_adder(32),
+            "act": 3 * t_mult(16, 16) + 2 * t_mult(32, 16), "residual": t_adder(32),
+            "mx_quantise": 2 * t_adder(32) + t_reg(32)}
+    per_layer = V * (2 * lane["norm"] + lane["rope"] + lane["act"] + 2 * lane["residual"] + 4 * lane["mx_quantise"]) \
+        + 2 * 4 * t_mult(32, 32)
+    t_vec = engines * per_layer + V * (lane["norm"] + 2 * t_adder(32) + t_reg(32)) + 4 * t_mult(32, 32)
+    e_norm = h * (2 * E.mult(32, 16) + E.add(48))
+    e_vec = (2 * L + 1) * e_norm + L * ((H + KV) * D * (2 * E.mult(32, 16) + E.add(32))
+                                        + I * (3 * E.mult(16, 16) + 2 * E.mult(32, 16))
+                                        + 2 * h * E.add(32) + (2 * h + H * D + I) * 2 * E.add(32)) \
+        + shape.vocab * E.add(32)
+    chip.add("vector_units", logic_t=t_vec, energy=e_vec, counts={"lanes": V, "units_per_layer": 10})
+    io_t = v["io_area_mm2"] * v["logic_density_mtr_per_mm2"] * 1e6 * 0.25
+    chip.add("io", cell_t=io_t, extra_area_mm2=v["io_area_mm2"], energy=64 * v["e_io_bit_j"],
+             static_w=v["io_power_w"], counts={"bits_per_token": 64})
+    return {"emb_bits": emb_bits, "norm_bits": norm_bits, "rope_bits": rope_bits, "kv_bytes": kv_bytes,
+            "act_bytes": act_bytes}
 
 
 def _assumptions(shape: ModelShape, fmt: str, fc: FormatCost, table: dict, a: dict, ctx: int,

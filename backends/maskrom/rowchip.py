@@ -1,0 +1,300 @@
+"""The row-serial chip estimate: the fabric ``hdl/rowserial.py`` builds, priced per component
+(spec: docs/estimates.md, "Row-serial fabric").
+
+The chip has every layer in silicon and runs one layer at a time. A layer's linears share one
+group of tiles: ``chains`` chains of ``chain_tiles`` tiles, each tile ``word_lines`` word lines
+of ``tile_cols`` cells. A stage (the linears that read the same input: q/k/v, o, gate/up,
+down) takes ``hdl.rowserial.stage_cycles`` cycles, the function the RTL's cycle count is
+tested against; the word lines of a layer's stages are stacked in its tiles. The tile's
+adders, multipliers, selects, shifters and registers are ``RowSpec.counts()``: the same
+description the RTL is elaborated from, so the estimate prices what the HDL instantiates.
+Attention and the vector units are one shared set, used by each layer in turn.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from tapeout.compiler.errors import TapeoutError
+from tapeout.compiler.quant.formats import W3O6_OUTLIER_FRAC
+from tapeout.hdl.rowserial import ROW_FORMATS, RowSpec, stage_cycles
+
+from .base import family_for
+from .estimate import (T_FLOP, T_MUX2, ModelShape, _Chip, _Energy, add_shared_parts, format_cost, load_tech,
+                       t_adder, t_mult, t_reg)
+
+ROW_ARCH_DEFAULTS: dict[str, int] = {
+    "word_lines": 1024,        # word lines per tile (base die)
+    "tile_cols": 64,           # cells per word line
+    "chain_tiles": 0,          # tiles per chain (0: ceil(hidden / tile_cols), at most 32)
+    "chains": 0,               # chains per layer (0: the fewest whose word lines fit the tiles)
+    "head_chains": 0,          # chains of the LM head (0: as for the layers)
+    "attn_positions_per_cycle": 8,   # KV positions the shared attention engine takes per cycle
+    "vector_lanes": 256,       # lanes of the shared vector units
+    "lat_norm": 8, "lat_rope": 2, "lat_softmax": 12, "lat_act": 3, "lat_embed": 2, "lat_residual": 1,
+    "lat_argmax": 2,
+}
+
+# the stage a linear joins: linears that read the same input run as one stage
+STAGE_OF = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o", "gate_proj": "mlp_in",
+            "up_proj": "mlp_in", "fc_in": "mlp_in", "down_proj": "mlp_out", "fc_out": "mlp_out"}
+T_WORDLINE = 12       # decoder gate + driver per word line
+T_SENSE = 12          # precharge + single-ended sense per bit line
+ROUTING = 0.10        # wiring overhead on logic area (assumption)
+
+
+def check_arch(arch: dict | None) -> dict[str, int]:
+    a = {**ROW_ARCH_DEFAULTS, **(arch or {})}
+    unknown = set(a) - set(ROW_ARCH_DEFAULTS)
+    if unknown:
+        raise TapeoutError(f"unknown row-serial architecture option(s) {sorted(unknown)}; known: "
+                           + ", ".join(ROW_ARCH_DEFAULTS))
+    for key, value in a.items():
+        low = 0 if key in ("chain_tiles", "chains", "head_chains") or key.startswith("lat_") else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise TapeoutError(f"architecture option {key} must be an integer >= {low}, not {value!r}")
+    return a
+
+
+def stages_of(linears: list[tuple[str, int, int]]) -> dict[str, dict[str, list[tuple[int, int]]]]:
+    """group (layer prefix, or the linear itself) -> stage -> [(rows, in)] of its linears."""
+    groups: dict[str, dict[str, list[tuple[int, int]]]] = {}
+    for name, o, i in linears:
+        prefix, _, role = name.rpartition(".")
+        group = prefix or name
+        stage = STAGE_OF.get(role, role or name)
+        key = f"{stage}@{i}"
+        groups.setdefault(group, {}).setdefault(key, []).append((o, i))
+    return groups
+
+
+def _lines(stages: dict[str, list[tuple[int, int]]], chains: int, span: int) -> int:
+    return sum(-(-sum(o for o, _ in lins) // chains) * -(-lins[0][1] // span) for lins in stages.values())
+
+
+def fit_chains(stages: dict, word_lines: int, span: int) -> int:
+    """The fewest chains whose stacked word lines fit ``word_lines``."""
+    hi = max(sum(o for o, _ in lins) for lins in stages.values())
+    if _lines(stages, hi, span) > word_lines:
+        raise TapeoutError(f"a layer does not fit tiles of {word_lines} word lines even with one chain per "
+                           "row; raise word_lines")
+    lo = 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if _lines(stages, mid, span) > word_lines else (lo, mid)
+    return lo
+
+
+def cell_transistors(name: str, count: int, multipliers: dict[str, tuple[int, int]]) -> float:
+    """Transistors of ``count`` Yosys word-level cells ``name`` (``$add_15``, ``$pmux_12_4``...)."""
+    kind, *dims = name[1:].split("_")
+    w = int(dims[0])
+    if kind in ("add", "sub", "neg"):
+        return count * t_adder(w)
+    if kind == "mul":
+        return count * t_mult(*multipliers[name])
+    if kind in ("mux", "xor"):
+        return count * T_MUX2 * w
+    if kind == "pmux":
+        return count * T_MUX2 * w * int(dims[1])      # AND-OR select: one gate pair per input bit
+    if kind in ("dff", "sdff"):
+        return count * T_FLOP * w
+    raise TapeoutError(f"no transistor price for cell {name}")
+
+
+def tile_transistors(c: dict, word_lines: int) -> dict[str, float]:
+    """Transistors of one tile's logic from ``RowSpec.counts()``, by kind."""
+    out = {"adders": 0.0, "multipliers": 0.0, "selects": 0.0, "registers": 0.0}
+    kind_of = {"add": "adders", "sub": "adders", "neg": "adders", "mul": "multipliers", "mux": "selects",
+               "pmux": "selects", "xor": "selects", "dff": "registers", "sdff": "registers"}
+    for name, n in c["cells"].items():
+        out[kind_of[name[1:].split("_")[0]]] += cell_transistors(name, n, c["multipliers"])
+    out["selects"] += c["comparator_bits"] * T_MUX2 + c["lut_bits"]
+    out["rom_periphery"] = word_lines * T_WORDLINE + c["word_bits"] * T_SENSE
+    return out
+
+
+def estimate_rowserial(shape: ModelShape, fmt: str, tech="n7", *, context: int | None = None,
+                       clock_hz: float | None = None, outlier_frac: float = W3O6_OUTLIER_FRAC,
+                       arch: dict | None = None) -> dict[str, Any]:
+    """Area, transistors, speed and power of the row-serial mask-ROM chip (docs/estimates.md)."""
+    fc = format_cost(fmt)
+    table = load_tech(tech)
+    v = dict(table["values"])
+    if clock_hz is not None:
+        if isinstance(clock_hz, bool) or not isinstance(clock_hz, (int, float)) or clock_hz <= 0:
+            raise TapeoutError(f"clock must be a positive frequency in Hz, not {clock_hz!r}")
+        v["clock_hz"] = float(clock_hz)
+    ctx = shape.context if context is None else context
+    if isinstance(ctx, bool) or not isinstance(ctx, int) or ctx <= 0:
+        raise TapeoutError(f"context must be a positive number of tokens, not {ctx!r}")
+    a = check_arch(arch)
+    fam = family_for(fmt)
+    C = a["tile_cols"]
+    if C % fam.unit:
+        raise TapeoutError(f"tile columns must be a multiple of the family's {fam.unit}-column unit, not {C}")
+    K = a["chain_tiles"] or min(32, -(-shape.hidden // C))
+    a["chain_tiles"] = K
+    spec = RowSpec(ROW_FORMATS[fam.name], word_lines=a["word_lines"], cols=C, unit=fam.unit,
+                   act_bits=fam.act_bits, acc_bits=fam.acc_bits)
+    counts = spec.counts()
+    tt = tile_transistors(counts, spec.word_lines)
+    adder_bits = sum(int(k[1:].split("_")[1]) * n for k, n in counts["cells"].items()
+                     if k.split("_")[0] in ("$add", "$sub", "$neg"))
+    E, chip = _Energy(v), _Chip(v)
+    span, acc, W = K * C, spec.acc_bits, spec.word_lines
+
+    # ---- layer groups: chains, tiles, word lines, cycles
+    groups = stages_of(shape.linears)
+    plan = {}
+    for g, st in groups.items():
+        fixed = a["head_chains"] if g == "lm_head" and a["head_chains"] else a["chains"]
+        P = fixed or fit_chains(st, W, span)
+        used = _lines(st, P, span)
+        if used > W:
+            raise TapeoutError(f"{g}: {used} word lines on {P} chains; the tiles have {W} (raise chains or word_lines)")
+        plan[g] = {"chains": P, "tiles": P * K, "word_lines_used": used,
+                   "stages": {s.split("@")[0]: stage_cycles(sum(o for o, _ in lins), lins[0][1], chains=P,
+                                                            chain_tiles=K, cols=C) for s, lins in st.items()},
+                   "max_in": max(lins[0][1] for lins in st.values())}
+    tiles = sum(p["tiles"] for p in plan.values())
+    chains = sum(p["chains"] for p in plan.values())
+    tile_cycles = sum(p["tiles"] * p["word_lines_used"] for p in plan.values())     # tile reads per token
+
+    # ---- the fabric
+    rom_bits = tiles * counts["rom_bits"]
+    weights = shape.weights
+    chip.add("weight_rom", cell_t=rom_bits, rom_bits=rom_bits, energy=tile_cycles * spec.word_bits * E.rom_bit,
+             counts={"tiles": tiles, "word_lines": W, "word_bits": spec.word_bits, "bits": rom_bits,
+                     "bits_per_weight_stored": rom_bits / weights if weights else 0.0,
+                     "word_lines_used": sum(p["tiles"] * p["word_lines_used"] for p in plan.values())})
+    chip.add("rom_periphery", logic_t=tiles * tt["rom_periphery"],
+             counts={"word_line_drivers": tiles * W, "sense_amps": tiles * spec.word_bits})
+    e_tile = (E.add(adder_bits) + sum(E.mult(*counts["multipliers"][k]) * n for k, n in counts["cells"].items()
+                                      if k.startswith("$mul"))
+              + E.shift(spec.scaled_width, spec.shift_amount_bits, acc) * spec.units + E.flop(acc))
+    nz = 1 - fc.coarse_zero
+    dp = tt["adders"] + tt["multipliers"] + tt["selects"] + tt["registers"]
+    chip.add("tile_datapaths", logic_t=tiles * dp, energy=tile_cycles * e_tile * nz,
+             counts={"tiles": tiles, "per_tile_transistors": round(dp),
+                     "adder_bits_per_tile": adder_bits,
+                     "multipliers_per_tile": sum(n for k, n in counts["cells"].items() if k.startswith("$mul"))})
+    t_chain = (sum(t_adder(acc + 1) for _ in range(K - 1)) + t_adder(acc + 1) + t_reg(acc)
+               + t_mult(acc, 16) + 2 * t_adder(32) + t_reg(32) + 3 * t_reg(8))
+    outs = sum(o for _, o, _ in shape.linears)
+    const_bits = outs * (16 + 11 + 32)
+    chip.add("chains", logic_t=chains * t_chain, rom_bits=const_bits, cell_t=const_bits,
+             energy=sum(p["chains"] * p["word_lines_used"] for p in plan.values()) * E.add(acc * K)
+             + outs * (E.mult(acc, 16) + 2 * E.add(32)),
+             counts={"chains": chains, "requantisers": chains, "row_constant_bits": const_bits})
+    t_x = 0.0
+    for p in plan.values():
+        passes = -(-p["max_in"] // span)
+        t_x += t_reg(p["max_in"] * spec.act_bits + p["max_in"] // fam.unit * spec.shift_bits) \
+            + (span * spec.act_bits * (passes - 1) * T_MUX2 if passes > 1 else 0)
+    chip.add("x_registers", logic_t=t_x, energy=sum(p["max_in"] for p in plan.values()) * E.flop(spec.act_bits),
+             counts={"groups": len(plan)})
+    memo = add_shared_parts(chip, shape, fmt, fc, v, E, ctx=ctx, outlier_frac=outlier_frac,
+                            positions_per_cycle=a["attn_positions_per_cycle"], engines=1, lanes=a["vector_lanes"])
+    logic_mm2 = sum(c["area_mm2"] for n, c in chip.parts.items() if n in ("rom_periphery", "tile_datapaths",
+                                                                          "chains", "x_registers", "attention",
+                                                                          "vector_units"))
+    chip.add("routing", extra_area_mm2=ROUTING * logic_mm2, counts={"fraction_of_logic": ROUTING})
+
+    # ---- cycles: one token, layer after layer
+    h, H, KV, D, I, V = shape.hidden, shape.heads, shape.kv_heads, shape.head_dim, shape.intermediate, a["vector_lanes"]
+
+    def vec(n: int, lat: int) -> int:
+        return -(-n // V) + lat
+
+    def layer_cycles(attended: int, st: dict[str, int]) -> dict[str, int]:
+        out = {"norm_1": vec(h, a["lat_norm"]), "qkv_proj": st.get("qkv", 0),
+               "rope": vec((H + KV) * D, a["lat_rope"]),
+               "attention": -(-attended // a["attn_positions_per_cycle"]) + a["lat_softmax"] + vec(H * D, 0),
+               "o_proj": st.get("o", 0), "residual_1": vec(h, a["lat_residual"]), "norm_2": vec(h, a["lat_norm"])}
+        if I:
+            out.update(mlp_in=st.get("mlp_in", 0), act=vec(I, a["lat_act"]), mlp_out=st.get("mlp_out", 0),
+                       residual_2=vec(h, a["lat_residual"]))
+        return out
+
+    layer_groups = [g for g in plan if g != "lm_head"]
+    per_layer = {g: layer_cycles(ctx, plan[g]["stages"]) for g in layer_groups}
+    mean_layer = {g: layer_cycles(max(1, ctx // 2), plan[g]["stages"]) for g in layer_groups}
+    head = {"embed": a["lat_embed"], "final_norm": vec(h, a["lat_norm"])}
+    if "lm_head" in plan:
+        head["lm_head"] = plan["lm_head"]["stages"].get("lm_head", 0)
+        head["argmax"] = a["lat_argmax"]
+    cycles = sum(sum(c.values()) for c in per_layer.values()) + sum(head.values())
+    mean_cycles = sum(sum(c.values()) for c in mean_layer.values()) + sum(head.values())
+    clock = v["clock_hz"]
+    tps = clock / cycles
+    # several users in flight: each layer group serves one user at a time; the shared attention
+    # engine and vector units serve every layer of every user
+    linear_busy = max(sum(c for s, c in plan[g]["stages"].items()) for g in plan)
+    shared_busy = sum(c[k] for c in per_layer.values() for k in c if k not in ("qkv_proj", "o_proj", "mlp_in", "mlp_out"))
+    busiest = max(linear_busy, shared_busy)
+    users = max(1, math.floor(cycles / busiest))
+    pipeline = {"busiest_cycles": busiest, "bottleneck": "shared attention and vector units"
+                if shared_busy >= linear_busy else "one layer group's linear stages",
+                "users": users, "aggregate_tokens_per_s": clock / busiest * min(1.0, users * busiest / cycles),
+                "kv_sram_bytes_for_users": users * memo["kv_bytes"]}
+
+    comps = chip.parts
+    t_token = 1 / tps
+    for c in comps.values():
+        c["leakage_energy_per_token_j"] = c["static_w"] * t_token
+        c["energy_per_token_j"] = c["dynamic_energy_per_token_j"] + c["leakage_energy_per_token_j"]
+        c["power_w"] = c["energy_per_token_j"] * tps
+    total = {k: sum(c[k] for c in comps.values())
+             for k in ("area_mm2", "transistors", "energy_per_token_j", "dynamic_energy_per_token_j", "static_w")}
+    all_rom = rom_bits + const_bits + memo["emb_bits"] + memo["norm_bits"] + memo["rope_bits"]
+    one = next(iter(per_layer.values())) if per_layer else {}
+    return {
+        "model": shape.name, "format": fmt, "target": "maskrom", "fabric": "rowserial",
+        "tech": {"name": table["name"], "path": table.get("path"), "node": table.get("node")},
+        "clock_hz": clock, "context": ctx,
+        "area_mm2": total["area_mm2"], "transistors": total["transistors"],
+        "transistors_per_weight": total["transistors"] / weights if weights else 0.0,
+        "rom_bits": round(all_rom), "sram_bytes": memo["kv_bytes"] + memo["act_bytes"],
+        "energy_per_token_j": total["energy_per_token_j"], "tokens_per_s": tps,
+        "tokens_per_s_mean": clock / mean_cycles, "cycles_per_token": cycles,
+        "power_w": total["energy_per_token_j"] * tps, "static_power_w": total["static_w"],
+        "dynamic_energy_per_token_j": total["dynamic_energy_per_token_j"],
+        "fits_reticle": total["area_mm2"] <= v["reticle_mm2"],
+        "weights": weights,
+        "bits_per_weight": sum(o * i * fc.bits_per_weight(o, i, outlier_frac) for _, o, i in shape.linears) / max(weights, 1),
+        "base_family": fam.name, "arch": a,
+        "tile": {"word_lines": W, "cols": C, "unit": spec.unit, "word_bits": spec.word_bits,
+                 "slots": spec.fmt.slots, "cells": counts["cells"], "comparators": counts["comparators"],
+                 "lut_bits": counts["lut_bits"], "rom_bits": counts["rom_bits"],
+                 "transistors": {k: round(x) for k, x in tt.items()}},
+        "groups": {g: {k: x for k, x in p.items()} for g, p in plan.items()} if len(plan) <= 4 else
+        {"layers": len(layer_groups), "first": plan[layer_groups[0]] if layer_groups else {},
+         "lm_head": plan.get("lm_head", {})},
+        "cycles": {"per_layer": one, "layers": len(layer_groups), "head": head, "total": cycles,
+                   "mean_total": mean_cycles},
+        "pipeline": pipeline, "components": comps,
+        "assumptions": _assumptions(a, spec, table, ctx),
+    }
+
+
+def _assumptions(a: dict, spec: RowSpec, table: dict, ctx: int) -> list[str]:
+    out = [
+        "first-order model: counts from the RTL's own description (hdl/rowserial.py RowSpec.counts), areas "
+        "from densities, energies from per-op energies; no placement, timing closure or yield",
+        f"row-serial tiles of {spec.word_lines} word lines x {spec.cols} cells, {a['chain_tiles']} tiles per "
+        f"chain; a layer's stages share its tiles and run one after another; one word line per cycle",
+        f"a word line holds {spec.cols} x {spec.fmt.code_bits}-bit codes, {spec.units} scale words "
+        f"({spec.fmt.m_bits}+{spec.fmt.e_bits} bits) and {spec.fmt.slots} outlier slots: {spec.word_bits} bits, "
+        "one via-programmed 1T ROM cell per bit; every tile is built with all its word lines",
+        f"decode of one user at the last position of a context of {ctx} tokens (worst case)",
+        f"attention: one shared engine, {a['attn_positions_per_cycle']} KV positions per cycle for all heads; "
+        f"vector units: one shared set of {a['vector_lanes']} lanes",
+        f"routing: +{ROUTING:.0%} of the logic area; ROM periphery area inside the ROM array efficiency",
+        "transistor counts: 28T full adder, 24T flip-flop, 12T mux / AND-OR select input bit, array multipliers, "
+        f"{T_WORDLINE}T per word-line driver, {T_SENSE}T per bit-line sense, 6T SRAM bit, 1T ROM bit",
+    ]
+    for key, c in table["constants"].items():
+        if isinstance(c, dict) and c.get("kind") == "assumption":
+            out.append(f"tech {table['name']}: {key} = {c['value']:g} {c.get('unit', '')} (assumption: {c['source']})")
+    return out
