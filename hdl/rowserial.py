@@ -60,6 +60,7 @@ class RowFormat:
     slots: int = 0
     slot_bits: int = 6
     multiply: bool = False
+    scale_group: int = 0          # columns sharing one stored scale word (0: one per unit)
 
     def magnitudes(self) -> tuple[int, ...]:
         """The product lines a column builds: every non-zero |value|, ascending."""
@@ -77,7 +78,7 @@ def _int_format(bits: int) -> RowFormat:
 ROW_FORMATS: dict[str, RowFormat] = {
     # base c3 in [-4, 3] contributes 4 * c3; outliers c6 in [-32, 31] sit in 7 slots per 64
     # weights: the quantiser's cap at the default 4.4 % (compiler/quant/w3o6.py default_cap)
-    "w3o6": RowFormat("w3o6", 3, _twos(3, 4), m_bits=8, e_bits=0, slots=7),
+    "w3o6": RowFormat("w3o6", 3, _twos(3, 4), m_bits=8, e_bits=0, slots=7, scale_group=64),
     # sign-magnitude E2M1 (doubled): nvfp4 scales m * 2**e (4-bit significand), mxfp4 2**e
     "fp4": RowFormat("fp4", 4, E2M1_DOUBLED + tuple(-v for v in E2M1_DOUBLED), m_bits=4, e_bits=5),
     **{f"int{b}": _int_format(b) for b in range(2, 9)},
@@ -137,6 +138,17 @@ class RowSpec:
         return self.cols // self.unit
 
     @property
+    def scale_span(self) -> int:
+        """Columns per stored scale word: the format's scale group when the tile holds whole
+        groups, else one word per unit."""
+        g = self.fmt.scale_group
+        return g if g > self.unit and self.cols % g == 0 and g % self.unit == 0 else self.unit
+
+    @property
+    def scale_words(self) -> int:
+        return self.cols // self.scale_span
+
+    @property
     def col_bits(self) -> int:
         return max(1, (self.cols - 1).bit_length())
 
@@ -148,7 +160,7 @@ class RowSpec:
         """name -> (offset, width, count) of the word line, low bits first."""
         f, off = {}, 0
         for name, width, count in (("code", self.fmt.code_bits, self.cols),
-                                   ("m", self.fmt.m_bits, self.units), ("e", self.fmt.e_bits, self.units),
+                                   ("m", self.fmt.m_bits, self.scale_words), ("e", self.fmt.e_bits, self.scale_words),
                                    ("slot", self.slot_width, self.fmt.slots)):
             f[name] = (off, width, count)
             off += width * count
@@ -352,6 +364,14 @@ def _encode_scales(spec: RowSpec, gs: np.ndarray) -> tuple[np.ndarray, np.ndarra
     """group scales [rows, units] -> (m, e) with gs = m << e, m < 2**m_bits, e < 2**e_bits."""
     fmt = spec.fmt
     gs = np.asarray(gs, np.int64)
+    r = spec.scale_span // spec.unit
+    if r > 1:
+        shared = gs.reshape(gs.shape[0], -1, r)
+        if (shared != shared[:, :, :1]).any():
+            row, w = np.argwhere((shared != shared[:, :, :1]).any(-1))[0]
+            raise ValueError(f"row {row}: the units of scale word {w} have different group scales "
+                             f"{shared[row, w].tolist()}; the {fmt.name} word stores one per {spec.scale_span} columns")
+        gs = shared[:, :, 0]
     e = np.zeros(gs.shape, np.int64)
     m = gs.copy()
     if fmt.e_bits:
@@ -469,7 +489,7 @@ def row_reference(img: RowImage, x, sh, emin) -> np.ndarray:
         for k in range(img.chain_tiles):
             d = _decode(spec, img.words[p][k])
             cells = _sext(d["code"], fmt.code_bits) if fmt.multiply else vals[d["code"]]
-            gs = d["m"] << d["e"] if fmt.m_bits else (1 << d["e"])
+            gs = np.repeat(d["m"] << d["e"] if fmt.m_bits else (1 << d["e"]), spec.scale_span // U, axis=1)
             scol = d["slot"] & ((1 << spec.col_bits) - 1)
             sval = _sext(d["slot"] >> spec.col_bits, fmt.slot_bits)
             for s in range(img.slots):
@@ -592,11 +612,12 @@ class RowSerialTile(wiring.Component):
             scaled = part
             if fmt.m_bits:
                 scaled = Signal(signed(s.scaled_width), name=f"scaled_u{u}")
-                m.d.comb += scaled.eq(part * Cat(field_of("m", u), Const(0, 1)).as_signed())
+                m_word = field_of("m", u * s.unit // s.scale_span)
+                m.d.comb += scaled.eq(part * Cat(m_word, Const(0, 1)).as_signed())
             amount = self.sh[u]
             if fmt.e_bits:
                 amount = Signal(unsigned(s.shift_amount_bits), name=f"amount_u{u}")
-                m.d.comb += amount.eq(field_of("e", u) + self.sh[u])
+                m.d.comb += amount.eq(field_of("e", u * s.unit // s.scale_span) + self.sh[u])
             shifted.append(shift_left(m, scaled, amount, s.acc_bits, f"sh_u{u}"))
         total = tree_sum(list(shifted))
         m.d.sync += self.part.eq(total[:s.acc_bits].as_signed())

@@ -163,7 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--machine", action="append", metavar="KEY=VALUE",
                    help="dataflow: machine option, e.g. bank_kib=4096 (repeatable)")
     p.add_argument("--format", required=True, metavar="F", help="w3o6 | nvfp4 | mxfp4 | int4 | int8")
-    p.add_argument("--tech", default="n5", metavar="T", help="technology table: n5 (default), n7, n16 or a JSON file")
+    p.add_argument("--tech", default="n5", metavar="T",
+                   help="technology table: n5 (default), n6, n7, n16 or a JSON file")
+    p.add_argument("--fabric", choices=("rowserial", "parallel"), default="rowserial",
+                   help="maskrom: rowserial (default: tiles read one word line per cycle, one adder tree per "
+                        "tile, hdl/rowserial.py) or parallel (every ROM row has its own adder tree)")
+    p.add_argument("--arch", action="append", metavar="KEY=VALUE",
+                   help="maskrom: architecture option, e.g. word_lines=512 or chain_tiles=16 (repeatable; "
+                        "docs/estimates.md lists them)")
+    p.add_argument("--compare", metavar="CHIP", help="maskrom row-serial: print the figures beside a published "
+                   "chip's, with ratios: hc1 (Taalas HC1, docs/hc1.md)")
     p.add_argument("--context", type=int, metavar="N", help="KV-cache length (default 2048)")
     p.add_argument("--clock", type=float, metavar="HZ", help="clock frequency (default: the table's)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")

@@ -220,9 +220,33 @@ def cmd_estimate(args: argparse.Namespace, progress: Progress) -> int:
         return 0
     if args.machine:
         raise TapeoutError("--machine applies to --target dataflow")
-    result = E.estimate(shape, args.format, args.tech, context=ctx, clock_hz=args.clock)
-    print(dumps_json(result), end="") if args.json else print(E.format_table(result))
+    arch = _arch_options(args.arch or [])
+    if args.fabric == "parallel":
+        if args.compare:
+            raise TapeoutError("--compare applies to the row-serial fabric (--fabric rowserial)")
+        result = E.estimate(shape, args.format, args.tech, context=ctx, clock_hz=args.clock, arch=arch)
+        print(dumps_json(result), end="") if args.json else print(E.format_table(result))
+        return 0
+    from tapeout.backends.maskrom import rowchip
+    result = rowchip.estimate_rowserial(shape, args.format, args.tech, context=ctx, clock_hz=args.clock, arch=arch)
+    if args.compare:
+        result["compare"] = rowchip.compare(result, args.compare)
+    print(dumps_json(result), end="") if args.json else print(rowchip.format_rowserial(result))
     return 0
+
+
+def _arch_options(items: list[str]) -> dict[str, int]:
+    """--arch KEY=VALUE pairs (integer values)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            out[key.strip()] = int(value)
+        except ValueError:
+            raise TapeoutError(f"--arch takes KEY=INTEGER, not {item!r}") from None
+        if not sep or not key.strip():
+            raise TapeoutError(f"--arch takes KEY=INTEGER, not {item!r}")
+    return out
 
 
 # --- simulate ---------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from tapeout.compiler.quant.formats import W3O6_OUTLIER_FRAC
 from tapeout.hdl.rowserial import ROW_FORMATS, RowSpec, stage_cycles
 
 from .base import family_for
-from .estimate import (T_FLOP, T_MUX2, ModelShape, _Chip, _Energy, add_shared_parts, format_cost, load_tech,
+from .estimate import (T_AND2, T_FLOP, T_MUX2, ModelShape, _Chip, _Energy, add_shared_parts, format_cost, load_tech,
                        t_adder, t_mult, t_reg)
 
 ROW_ARCH_DEFAULTS: dict[str, int] = {
@@ -109,7 +109,7 @@ def tile_transistors(c: dict, word_lines: int) -> dict[str, float]:
                "pmux": "selects", "xor": "selects", "dff": "registers", "sdff": "registers"}
     for name, n in c["cells"].items():
         out[kind_of[name[1:].split("_")[0]]] += cell_transistors(name, n, c["multipliers"])
-    out["selects"] += c["comparator_bits"] * T_MUX2 + c["lut_bits"]
+    out["selects"] += c["comparator_bits"] * T_AND2 + c["lut_bits"]     # a w-bit match: w AND inputs
     out["rom_periphery"] = word_lines * T_WORDLINE + c["word_bits"] * T_SENSE
     return out
 
@@ -298,3 +298,80 @@ def _assumptions(a: dict, spec: RowSpec, table: dict, ctx: int) -> list[str]:
         if isinstance(c, dict) and c.get("kind") == "assumption":
             out.append(f"tech {table['name']}: {key} = {c['value']:g} {c.get('unit', '')} (assumption: {c['source']})")
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference chips and the text `tapeout estimate` prints
+# ----------------------------------------------------------------------------------------------
+
+# published figures (docs/hc1.md has the sources and what each figure means)
+REFERENCES: dict[str, dict[str, Any]] = {
+    "hc1": {"name": "Taalas HC1", "model": "Llama-3.1-8B", "node": "TSMC N6", "area_mm2": 815.0,
+            "transistors": 53e9, "weights": 8.03e9, "tokens_per_s": 17000.0, "power_w": 250.0,
+            "context": 1024, "source": "docs/hc1.md"},
+}
+
+
+def compare(result: dict, ref: str) -> dict:
+    """Our figures beside a reference chip's, with the ratio (ours / theirs)."""
+    r = REFERENCES.get(ref)
+    if r is None:
+        raise TapeoutError(f"unknown reference chip {ref!r}; known: {', '.join(REFERENCES)}")
+    rows = {}
+    for key, ours, theirs in (("area_mm2", result["area_mm2"], r["area_mm2"]),
+                              ("transistors", result["transistors"], r["transistors"]),
+                              ("transistors_per_weight", result["transistors"] / max(result["weights"], 1),
+                               r["transistors"] / r["weights"]),
+                              ("tokens_per_s", result["tokens_per_s"], r["tokens_per_s"]),
+                              ("power_w", result["power_w"], r["power_w"])):
+        rows[key] = {"ours": ours, "reference": theirs, "ratio": ours / theirs}
+    return {"reference": ref, "name": r["name"], "model": r["model"], "node": r["node"],
+            "context": r["context"], "source": r["source"], "rows": rows}
+
+
+def format_rowserial(result: dict) -> str:
+    """The text `tapeout estimate` prints for the row-serial fabric."""
+    from .estimate import _si
+    r, t = result, result["tile"]
+    a = r["arch"]
+    lines = [
+        f"model     {r['model']}  format {r['format']}  ({r['bits_per_weight']:.3f} bits/weight, "
+        f"{r['weights'] / 1e6:,.1f}M weights in the fabric)",
+        f"tech      {r['tech']['name']} ({r['tech']['path']})  clock {_si(r['clock_hz'], 'Hz')}  "
+        f"context {r['context']}  base family {r['base_family']}  fabric row-serial",
+        f"tile      {t['word_lines']} word lines x {t['cols']} cells, {t['word_bits']}-bit words "
+        f"({t['slots']} outlier slots), {a['chain_tiles']} tiles per chain; "
+        f"{r['components']['weight_rom']['counts']['tiles']:,} tiles, "
+        f"{r['components']['chains']['counts']['chains']:,} chains",
+        f"area      {r['area_mm2']:,.1f} mm^2{'' if r['fits_reticle'] else '  (exceeds one reticle)'}",
+        f"transistors {_si(r['transistors'], '')} ({r['transistors_per_weight']:.2f} per weight)   "
+        f"ROM {_si(r['rom_bits'], 'bit')}   SRAM {r['sram_bytes'] / 2**20:,.1f} MiB",
+        f"speed     {r['tokens_per_s']:,.0f} tokens/s per user ({r['cycles_per_token']:,} cycles/token; "
+        f"{r['tokens_per_s_mean']:,.0f} mean over the context)",
+        f"energy    {_si(r['energy_per_token_j'], 'J')}/token ({_si(r['dynamic_energy_per_token_j'], 'J')} dynamic)"
+        f"   power {r['power_w']:,.2f} W (static {r['static_power_w']:,.2f} W)",
+        "",
+        f"{'component':15s} {'area mm^2':>11s} {'%':>5s} {'transistors':>12s} {'energy/token':>13s} "
+        f"{'(dynamic)':>11s} {'power W':>9s}",
+    ]
+    for name, c in r["components"].items():
+        share = 100 * c["area_mm2"] / r["area_mm2"] if r["area_mm2"] else 0
+        lines.append(f"{name:15s} {c['area_mm2']:11.2f} {share:5.1f} {_si(c['transistors'], ''):>12s} "
+                     f"{_si(c['energy_per_token_j'], 'J'):>13s} {_si(c['dynamic_energy_per_token_j'], 'J'):>11s} "
+                     f"{c['power_w']:9.3f}")
+    st = r["cycles"]["per_layer"]
+    lines += ["", "cycles per layer: " + ", ".join(f"{k} {v}" for k, v in st.items())
+              + f"; x {r['cycles']['layers']} layers; head: " + ", ".join(f"{k} {v}" for k, v in r["cycles"]["head"].items())]
+    p = r["pipeline"]
+    lines.append(f"pipelined: up to {p['users']} users in flight, {p['aggregate_tokens_per_s']:,.0f} tokens/s "
+                 f"aggregate (bottleneck: {p['bottleneck']}; needs {p['kv_sram_bytes_for_users'] / 2**20:,.0f} MiB "
+                 "of KV SRAM)")
+    if "compare" in r:
+        c = r["compare"]
+        lines += ["", f"compared with {c['name']} ({c['model']}, {c['node']}, context {c['context']}; "
+                      f"figures: {c['source']})",
+                  f"{'':24s} {'this chip':>12s} {c['reference']:>12s} {'ratio':>7s}"]
+        for key, row in c["rows"].items():
+            fmt_ = (lambda x: _si(x, "")) if key == "transistors" else (lambda x: f"{x:,.1f}")
+            lines.append(f"{key:24s} {fmt_(row['ours']):>12s} {fmt_(row['reference']):>12s} {row['ratio']:7.2f}")
+    return "\n".join(lines)
