@@ -301,8 +301,11 @@ class RowSpec:
 class RowImage:
     """The word lines of one linear on ``chains x chain_tiles`` tiles, and the row constants.
 
-    ``words[p][k]`` is the list of word-line integers of chain ``p``'s tile ``k`` (``lines``
-    of them); ``mult/nshift/bias[p]`` the row constants of chain ``p`` by row slot."""
+    ``fields`` holds the word lines' contents as arrays ``[chains, chain_tiles, lines, n]``:
+    ``code`` (cell code indices), ``m`` and ``e`` (scale words), ``scol`` and ``sval`` (outlier
+    slots: column, two's-complement code); ``words[p][k]`` packs them into the integers the
+    ROM holds (``RowSpec.fields`` layout). ``mult/nshift/bias[p]`` are the row constants of
+    chain ``p`` by row slot."""
 
     spec: RowSpec
     out_dim: int
@@ -311,14 +314,24 @@ class RowImage:
     chain_tiles: int
     passes: int
     slots: int                       # row slots per chain
-    words: list = field(repr=False)
+    fields: dict = field(repr=False)
     mult: np.ndarray = field(repr=False)
     nshift: np.ndarray = field(repr=False)
     bias: np.ndarray | None = field(repr=False)
+    _words: list | None = field(default=None, repr=False)
 
     @property
     def lines(self) -> int:
         return self.slots * self.passes
+
+    @property
+    def words(self) -> list[list[list[int]]]:
+        if self._words is None:
+            f = self.fields
+            self._words = [[_pack_words(self.spec, f["code"][p, k], f["m"][p, k], f["e"][p, k], f["scol"][p, k],
+                                        f["sval"][p, k]) for k in range(self.chain_tiles)]
+                           for p in range(self.chains)]
+        return self._words
 
 
 def stage_cycles(rows: int, in_dim: int, *, chains: int, chain_tiles: int, cols: int) -> int:
@@ -331,32 +344,48 @@ def stage_cycles(rows: int, in_dim: int, *, chains: int, chain_tiles: int, cols:
 FILL_CYCLES = 3    # after the last word line: tile register, chain accumulator, requantiser
 
 
+class _WordError(ValueError):
+    def __init__(self, line: int, what: str):
+        super().__init__(what)
+        self.line, self.what = line, what
+
+
 def _encode_codes(spec: RowSpec, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """codes [rows, cols] -> (cell code indices, slot columns, slot values) of a tile's words."""
+    """codes [rows, cols] -> (cell code indices, slot columns, slot values) of word lines."""
     fmt = spec.fmt
-    lut = {v: k for k, v in reversed(list(enumerate(fmt.values)))}       # first index of a value
     rows, cols = codes.shape
-    idx = np.zeros(codes.shape, np.int64)
     scol = np.zeros((rows, fmt.slots), np.int64)
     sval = np.zeros((rows, fmt.slots), np.int64)
     if fmt.multiply:
         return codes & ((1 << fmt.code_bits) - 1), scol, sval
-    base = np.isin(codes, list(lut))
-    for v, k in lut.items():
-        idx[codes == v] = k
-    if fmt.slots:
-        lo, hi = -(1 << (fmt.slot_bits - 1)), 1 << (fmt.slot_bits - 1)
-        for r, c in zip(*np.nonzero(~base)):
-            n = int(np.count_nonzero(~base[r, :c]))
-            if n >= fmt.slots:
-                raise ValueError(f"row {r} has {int(np.count_nonzero(~base[r]))} outliers in {cols} "
-                                 f"columns; the {fmt.name} word line has {fmt.slots} slots")
-            if not lo <= codes[r, c] < hi:
-                raise ValueError(f"code {codes[r, c]} does not fit a {fmt.slot_bits}-bit outlier slot")
-            scol[r, n], sval[r, n] = c, codes[r, c] & ((1 << fmt.slot_bits) - 1)
-    elif not base.all():
-        bad = int(codes[~base][0])
-        raise ValueError(f"code {bad} has no value in the {fmt.name} word format {fmt.values}")
+    lo = min(fmt.values)
+    table = np.full(max(fmt.values) - lo + 1, -1, np.int64)
+    for k, v in reversed(list(enumerate(fmt.values))):          # the first index of a value
+        table[v - lo] = k
+    inside = (codes >= lo) & (codes <= max(fmt.values))
+    idx = np.where(inside, table[np.clip(codes - lo, 0, table.size - 1)], -1)
+    base = idx >= 0
+    idx = np.where(base, idx, table[0 - lo])                     # an outlier's cell holds zero
+    if not fmt.slots:
+        if not base.all():
+            r, c = np.argwhere(~base)[0]
+            raise _WordError(int(r), f"code {int(codes[r, c])} has no value in the {fmt.name} word format {fmt.values}")
+        return idx, scol, sval
+    out = ~base
+    count = out.sum(axis=1)
+    if count.max(initial=0) > fmt.slots:
+        r = int(np.argmax(count))
+        raise _WordError(r, f"{int(count[r])} outliers; the {fmt.name} word line has {fmt.slots} slots "
+                            "(quantise with at most that many per word line)")
+    lo6, hi6 = -(1 << (fmt.slot_bits - 1)), 1 << (fmt.slot_bits - 1)
+    wide = out & ((codes < lo6) | (codes >= hi6))
+    if wide.any():
+        r, c = np.argwhere(wide)[0]
+        raise _WordError(int(r), f"code {int(codes[r, c])} does not fit a {fmt.slot_bits}-bit outlier slot")
+    r, c = np.nonzero(out)
+    rank = np.cumsum(out, axis=1)[r, c] - 1
+    scol[r, rank] = c
+    sval[r, rank] = codes[r, c] & ((1 << fmt.slot_bits) - 1)
     return idx, scol, sval
 
 
@@ -369,8 +398,9 @@ def _encode_scales(spec: RowSpec, gs: np.ndarray) -> tuple[np.ndarray, np.ndarra
         shared = gs.reshape(gs.shape[0], -1, r)
         if (shared != shared[:, :, :1]).any():
             row, w = np.argwhere((shared != shared[:, :, :1]).any(-1))[0]
-            raise ValueError(f"row {row}: the units of scale word {w} have different group scales "
-                             f"{shared[row, w].tolist()}; the {fmt.name} word stores one per {spec.scale_span} columns")
+            raise _WordError(int(row), f"the units of scale word {w} have different group scales "
+                                       f"{shared[row, w].tolist()}; the {fmt.name} word stores one per "
+                                       f"{spec.scale_span} columns")
         gs = shared[:, :, 0]
     e = np.zeros(gs.shape, np.int64)
     m = gs.copy()
@@ -387,8 +417,8 @@ def _encode_scales(spec: RowSpec, gs: np.ndarray) -> tuple[np.ndarray, np.ndarra
         bad |= m > 1
     if bad.any():
         r, u = np.argwhere(bad)[0]
-        raise ValueError(f"group scale {gs[r, u]} (row {r}, unit {u}) does not fit the {fmt.name} scale word "
-                         f"m << e (m < 2**{fmt.m_bits}, e < 2**{fmt.e_bits})")
+        raise _WordError(int(r), f"group scale {gs[r, u]} does not fit the {fmt.name} scale word "
+                                 f"m << e (m < 2**{fmt.m_bits}, e < 2**{fmt.e_bits})")
     return m, e
 
 
@@ -429,81 +459,66 @@ def row_image(spec: RowSpec, codes, group_scale, mult, nshift, bias=None, *, cha
     cp[:out_dim, :in_dim] = codes
     gp = np.zeros((slots * chains, passes * span // U), np.int64)
     gp[:out_dim, :in_dim // U] = np.asarray(group_scale, np.int64)
-    words = []
-    for p in range(chains):
-        chain = []
-        for k in range(chain_tiles):
-            rows_c, rows_g = [], []
-            for s in range(slots):
-                o = s * chains + p
-                for q in range(passes):
-                    c0 = (q * chain_tiles + k) * C
-                    rows_c.append(cp[o, c0:c0 + C])
-                    rows_g.append(gp[o, c0 // U:(c0 + C) // U])
-            idx, scol, sval = _encode_codes(spec, np.array(rows_c))
-            mm, ee = _encode_scales(spec, np.array(rows_g))
-            chain.append(_pack_words(spec, idx, mm, ee, scol, sval))
-        words.append(chain)
+    # row o = s * chains + p, columns (q * chain_tiles + k) * C: word line s * passes + q of tile (p, k)
+    K, L = chain_tiles, slots * passes
+    cells = cp.reshape(slots, chains, passes, K, C).transpose(1, 3, 0, 2, 4).reshape(chains * K * L, C)
+    scales = gp.reshape(slots, chains, passes, K, C // U).transpose(1, 3, 0, 2, 4).reshape(chains * K * L, C // U)
+    try:
+        idx, scol, sval = _encode_codes(spec, cells)
+        mm, ee = _encode_scales(spec, scales)
+    except _WordError as err:                   # name the linear's row and columns, not the word line
+        p, rest = divmod(err.line, K * L)
+        k, line = divmod(rest, L)
+        s_, q = divmod(line, passes)
+        c0 = (q * K + k) * C
+        raise ValueError(f"row {s_ * chains + p}, columns {c0}..{c0 + C - 1}: {err.what}") from None
+    shape = (chains, K, L)
+    fields = {"code": idx.reshape(*shape, -1), "m": mm.reshape(*shape, -1), "e": ee.reshape(*shape, -1),
+              "scol": scol.reshape(*shape, -1), "sval": sval.reshape(*shape, -1)}
 
     def per_chain(v, fill=0):
         a = np.full(slots * chains, fill, np.int64)
         a[:out_dim] = np.asarray(v, np.int64)
         return a.reshape(slots, chains).T.copy()
 
-    return RowImage(spec, out_dim, in_dim, chains, chain_tiles, passes, slots, words,
+    return RowImage(spec, out_dim, in_dim, chains, chain_tiles, passes, slots, fields,
                     per_chain(mult), per_chain(nshift), None if bias is None else per_chain(bias))
 
 
 # --- a numpy model of the row-serial linear, computed from its ROM image ----------------------
-def _decode(spec: RowSpec, words: list[int]) -> dict[str, np.ndarray]:
-    f = spec.fields()
-    out = {}
-    for name, (off, width, count) in f.items():
-        a = np.zeros((len(words), count), np.int64)
-        if width:
-            for r, w in enumerate(words):
-                for j in range(count):
-                    a[r, j] = (w >> (off + j * width)) & ((1 << width) - 1)
-        out[name] = a
-    return out
-
-
 def _sext(v: np.ndarray, bits: int) -> np.ndarray:
     return np.where(v >> (bits - 1) & 1, v - (1 << bits), v)
 
 
 def row_reference(img: RowImage, x, sh, emin) -> np.ndarray:
-    """y int64 [T, out] of the row-serial linear, word line by word line from its ROM image
-    (the modular chain accumulator, then ``hdl.reference.requantize``)."""
+    """y int64 [T, out] of the row-serial linear from its ROM image's word lines: each tile's
+    partial sum per word line, the chain sum over tiles and passes (modulo ``2**acc_bits``),
+    then ``hdl.reference.requantize``."""
     from .reference import requantize
-    spec, fmt = img.spec, img.spec.fmt
+    spec, fmt, f = img.spec, img.spec.fmt, img.fields
     x, sh, emin = (np.asarray(a, np.int64) for a in (x, sh, emin))
-    T, C, U, span = x.shape[0], spec.cols, spec.unit, img.chain_tiles * spec.cols
-    xp = np.zeros((T, img.passes * span), np.int64)
+    T, C, U, K, Q, S, P = x.shape[0], spec.cols, spec.unit, img.chain_tiles, img.passes, img.slots, img.chains
+    xp = np.zeros((T, Q * K * C), np.int64)
     xp[:, :img.in_dim] = x
-    shp = np.zeros((T, img.passes * span // U), np.int64)
+    shp = np.zeros((T, Q * K * C // U), np.int64)
     shp[:, :img.in_dim // U] = sh
-    vals = np.array(fmt.values, np.int64)
-    acc = np.zeros((T, img.chains, img.slots), np.int64)
-    for p in range(img.chains):
-        for k in range(img.chain_tiles):
-            d = _decode(spec, img.words[p][k])
-            cells = _sext(d["code"], fmt.code_bits) if fmt.multiply else vals[d["code"]]
-            gs = np.repeat(d["m"] << d["e"] if fmt.m_bits else (1 << d["e"]), spec.scale_span // U, axis=1)
-            scol = d["slot"] & ((1 << spec.col_bits) - 1)
-            sval = _sext(d["slot"] >> spec.col_bits, fmt.slot_bits)
-            for s in range(img.slots):
-                for q in range(img.passes):
-                    w = s * img.passes + q
-                    c0 = (q * img.chain_tiles + k) * C
-                    xs = xp[:, c0:c0 + C]
-                    prod = xs * cells[w][None, :]
-                    for j in range(fmt.slots):
-                        prod[:, scol[w, j]] += xs[:, scol[w, j]] * sval[w, j]
-                    part = prod.reshape(T, spec.units, U).sum(-1)
-                    amt = shp[:, c0 // U:(c0 + C) // U]
-                    acc[:, p, s] += ((part * gs[w][None, :]) << amt).sum(-1)
-    acc = acc.transpose(0, 2, 1).reshape(T, -1)[:, :img.out_dim]        # slot-major: o = s * P + p
+    if fmt.multiply:
+        w = _sext(f["code"], fmt.code_bits)
+    else:
+        w = np.array(fmt.values, np.int64)[f["code"]]               # [P, K, L, C]
+    sval = _sext(f["sval"], fmt.slot_bits)
+    cols = np.arange(C)
+    for j in range(fmt.slots):                                      # a slot adds its code to its column
+        w = w + sval[..., j, None] * (f["scol"][..., j, None] == cols)
+    gs = f["m"] << f["e"] if fmt.m_bits else np.int64(1) << f["e"]
+    gs = np.repeat(gs, spec.scale_span // U, axis=-1).reshape(P, K, S, Q, spec.units)
+    w = w.reshape(P, K, S, Q, spec.units, U)
+    xq = xp.reshape(T, Q, K, spec.units, U)
+    shq = shp.reshape(T, Q, K, spec.units)
+    with np.errstate(over="ignore"):
+        part = np.einsum("pksquc,tqkuc->tpksqu", w, xq)             # one tile, one word line, per unit
+        acc = ((part * gs[None]) << shq.transpose(0, 2, 1, 3)[:, None, :, None, :, :]).sum(axis=(2, 4, 5))
+    acc = acc.transpose(0, 2, 1).reshape(T, -1)[:, :img.out_dim]    # [T, S * P]: o = s * P + p
     half = 1 << (spec.acc_bits - 1)
     acc = (acc + half) % (1 << spec.acc_bits) - half
     mult = img.mult.T.reshape(-1)[:img.out_dim]
@@ -656,17 +671,22 @@ class RowSerialLinear(wiring.Component):
     per cycle. Row slot ``s`` of chain ``p`` (output ``s * chains + p``) appears on ``y[p]``
     with ``ready = 1``; slots come in order, all chains together. A token takes exactly
     ``stage_cycles(...)`` cycles from its start edge to the edge that presents its last slot.
-    ``words`` None builds the base view (writable ROM) for every tile.
+    ``folded=False`` builds the base view: every tile's ROM is a writable array, loaded before
+    the tokens through ``cfg_we``, ``cfg_tile`` (``p * chain_tiles + k``), ``cfg_addr`` and
+    ``cfg_data`` (one word line per cycle); the row constants stay the chain's ROM.
     """
 
     LATENCY = 0
 
     def __init__(self, img: RowImage, *, folded: bool = True):
-        self.img = img
+        self.img, self.folded = img, folded
         s = img.spec
         self.tiles = [[RowSerialTile(s, img.words[p][k] if folded else None)
                        for k in range(img.chain_tiles)] for p in range(img.chains)]
-        super().__init__({
+        cfg = {} if folded else {
+            "cfg_we": In(1), "cfg_tile": In(unsigned(max(1, (img.chains * img.chain_tiles - 1).bit_length()))),
+            "cfg_addr": In(unsigned(s.addr_bits)), "cfg_data": In(unsigned(32)).array(-(-s.word_bits // 32))}
+        super().__init__({**cfg,
             "x": In(signed(s.act_bits)).array(img.in_dim),
             "sh": In(unsigned(s.shift_bits)).array(img.in_dim // s.unit),
             "emin": In(signed(8)),
@@ -711,6 +731,10 @@ class RowSerialLinear(wiring.Component):
             for k in range(K):
                 tile = m.submodules[f"tile_p{p}_k{k}"] = self.tiles[p][k]
                 m.d.comb += tile.addr.eq(addr)
+                if not self.folded:
+                    m.d.comb += [tile.cfg_we.eq(self.cfg_we & (self.cfg_tile == p * K + k)),
+                                 tile.cfg_addr.eq(self.cfg_addr),
+                                 tile.cfg_data.eq(Cat(*self.cfg_data)[:s.word_bits])]
                 for c in range(C):
                     srcs = [(xr[j] if (j := (qq * K + k) * C + c) < img.in_dim else zero) for qq in range(Q)]
                     m.d.comb += tile.x[c].eq(Array(srcs)[q] if Q > 1 else srcs[0])
@@ -733,11 +757,12 @@ class RowSerialLinear(wiring.Component):
 
 
 def simulate_row_linear(img: RowImage, x, sh, emin, *, engine: str = "amaranth", folded: bool = True,
-                        stats: dict | None = None, expected=None) -> tuple[np.ndarray, int]:
+                        stats: dict | None = None) -> tuple[np.ndarray, int]:
     """Run a ``RowSerialLinear`` on tokens x [T, in], sh [T, in/unit], emin [T]: each token is
     held for exactly ``stage_cycles`` cycles with ``start`` on its first, so any other cycle
-    count would misalign the outputs. Returns (y int64 [T, out], cycles)."""
-    from .sim import run_rows, SimulationMismatch
+    count would misalign the outputs. ``folded=False``: the base view, its word lines loaded
+    first (one per cycle; ``stats['load_cycles']``). Returns (y int64 [T, out], token cycles)."""
+    from .sim import SimulationMismatch, run_rows
     stats = {} if stats is None else stats
     x, sh, emin = (np.asarray(a, np.int64) for a in (x, sh, emin))
     T = x.shape[0]
@@ -746,17 +771,25 @@ def simulate_row_linear(img: RowImage, x, sh, emin, *, engine: str = "amaranth",
     start[:, 0] = 1
     inputs = {"x": np.repeat(x, n, axis=0), "sh": np.repeat(sh, n, axis=0),
               "emin": np.repeat(emin, n, axis=0), "start": start.reshape(-1)}
-    if img.spec.fmt is not None and not folded:
-        raise NotImplementedError("load the base view's word lines with load_words before running it")
+    load = 0
+    if not folded:
+        K, L = img.chain_tiles, img.lines
+        load = img.chains * K * L
+        tile = np.repeat(np.arange(img.chains * K), L)
+        addr = np.tile(np.arange(L), img.chains * K)
+        chunks = -(-img.spec.word_bits // 32)
+        data = np.array([[(w >> (32 * j)) & 0xFFFFFFFF for j in range(chunks)]
+                         for chain in img.words for words in chain for w in words], np.int64).reshape(load, chunks)
+
+        def pad(v):
+            return np.concatenate([v, np.zeros((T * n,) + v.shape[1:], np.int64)])
+        inputs = {k: np.concatenate([np.zeros((load,) + v.shape[1:], np.int64), v]) for k, v in inputs.items()}
+        inputs.update(cfg_we=pad(np.ones(load, np.int64)), cfg_tile=pad(tile), cfg_addr=pad(addr), cfg_data=pad(data))
     dut = RowSerialLinear(img, folded=folded)
-    exp = None
-    if expected is not None:
-        e = np.zeros((T, img.slots * img.chains), np.int64)
-        e[:, :img.out_dim] = np.asarray(expected, np.int64)
-        exp = e.reshape(T * img.slots, img.chains)
-    got, cycles = run_rows(dut, inputs, engine=engine, stats=stats, name="row_linear", expected=exp)
+    got, cycles = run_rows(dut, inputs, engine=engine, stats=stats, name="row_linear" if folded else "row_linear_base")
     if got.shape[0] != T * img.slots:
         raise SimulationMismatch(f"{got.shape[0]} row slots with ready=1, expected {T * img.slots} "
                                  f"({T} tokens x {img.slots} slots in {n} cycles each)")
+    stats["load_cycles"] = load
     y = got.reshape(T, img.slots * img.chains)[:, :img.out_dim]
-    return y, cycles
+    return y, cycles - load

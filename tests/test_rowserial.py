@@ -91,15 +91,15 @@ def test_image_rejects_what_the_word_cannot_hold():
     spec = RowSpec(ROW_FORMATS["w3o6"], word_lines=4)
     codes = np.zeros((2, 64), np.int64)
     ok = dict(group_scale=np.ones((2, 2), np.int64), mult=np.ones(2, np.int64), nshift=np.zeros(2, np.int64))
-    with pytest.raises(ValueError, match=r"row 0 has 8 outliers in 64 columns; the w3o6 word line has 7 slots"):
+    with pytest.raises(ValueError, match=r"row 0, columns 0..63: 8 outliers; the w3o6 word line has 7 slots"):
         row_image(spec, np.where(np.arange(64) < 8, 1, 0)[None].repeat(2, 0), chains=1, chain_tiles=1, **ok)
     with pytest.raises(ValueError, match=r"needs 8 word lines; the tile has 4"):
         row_image(spec, np.zeros((8, 64), np.int64), chains=1, chain_tiles=1,
                   group_scale=np.ones((8, 2), np.int64), mult=np.ones(8, np.int64), nshift=np.zeros(8, np.int64))
-    with pytest.raises(ValueError, match=r"group scale 300 .* does not fit the w3o6 scale word"):
+    with pytest.raises(ValueError, match=r"row 0, columns 0..63: group scale 300 does not fit the w3o6 scale word"):
         row_image(spec, codes, chains=1, chain_tiles=1, **{**ok, "group_scale": np.full((2, 2), 300)})
     fp4 = RowSpec(ROW_FORMATS["fp4"], word_lines=4, unit=16)
-    with pytest.raises(ValueError, match=r"code 5 has no value in the fp4 word format"):
+    with pytest.raises(ValueError, match=r"row 0, columns 0..63: code 5 has no value in the fp4 word format"):
         row_image(fp4, np.full((2, 64), 5), chains=1, chain_tiles=1,
                   group_scale=np.ones((2, 4), np.int64), mult=np.ones(2, np.int64), nshift=np.zeros(2, np.int64))
     with pytest.raises(ValueError, match=r"Tile unit must divide the tile columns \(64\), not 48"):
@@ -154,3 +154,18 @@ def test_tile_cells_equal_yosys_stat(family):
     assert sum(n for k, n in got["cells"].items() if k.startswith(("$eq_", "$logic_not_"))) == want["comparators"]
     muls = sum(n for k, n in counted.items() if k.startswith("$mul"))
     assert muls == ROW_FORMATS[family].slots + spec.units + (64 if ROW_FORMATS[family].multiply else 0)
+
+
+def test_base_view_loads_the_image_and_equals_golden():
+    """The base die's view: the same datapath with writable word-line arrays, loaded with the
+    image (one word per cycle) before the tokens."""
+    rng = np.random.default_rng(5)
+    L, kw, unit = hardware_linear(rng, "nvfp4", 12, 128, 16)
+    spec = RowSpec(ROW_FORMATS["fp4"], word_lines=16, unit=unit)
+    img = row_image(spec, chains=2, chain_tiles=1, **kw)
+    want, (x, sh, emin) = run(L, kw, unit, rng)
+    stats = {}
+    got, cycles = simulate_row_linear(img, x, sh, emin, folded=False, stats=stats)
+    assert np.array_equal(got, want) and got.size == 3 * 12
+    assert stats["load_cycles"] == 2 * 1 * img.lines == 2 * 6 * 2       # chains x tiles x (slots x passes)
+    assert cycles == 3 * stage_cycles(12, 128, chains=2, chain_tiles=1, cols=64)
