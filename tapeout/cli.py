@@ -147,7 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rtl", choices=("auto", "folded", "base"), default="auto",
                    help="folded: the via layers as RTL constants (the chip as made; one build per linear); "
                         "base: the base die's tile with the via layers loaded as data, run tile by tile "
-                        "(one build per family); auto (default): folded up to 4 tiles, base above")
+                        "(one build per family); auto (default): folded up to 4 tiles (parallel) or 16384 word "
+                        "lines (row-serial), base above")
+    p.add_argument("--fabric", choices=("rowserial", "parallel"), default="rowserial",
+                   help="maskrom: rowserial (default: the chip's row-serial linears, one word line per cycle) "
+                        "or parallel (the one-token-per-cycle tiles)")
+    p.add_argument("--tokens", type=int, metavar="N", help="maskrom: drive only the first N of the 16 stimulus "
+                   "tokens (default all)")
     p.add_argument("--json", action="store_true", help="print checked, mismatches, cycles, engine as JSON")
 
     p = sub.add_parser("estimate", help="size a mask-ROM chip from shapes alone",

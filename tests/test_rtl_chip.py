@@ -1,6 +1,7 @@
 """RTL simulation of compiled tiny chips through `tapeout simulate`: every linear of the tiny
-Llama on the Amaranth simulator and Verilator on two linears (default tier); every linear of
-GPT-2 and BERT on Amaranth, and every linear under Verilator, in the `rtl` tier."""
+Llama on the row-serial fabric under the Amaranth simulator (4 tokens), Verilator on two
+linears, the parallel fabric on two (default tier); every linear of GPT-2 and BERT on
+Amaranth, and every linear under Verilator, in the `rtl` tier."""
 from __future__ import annotations
 
 import json
@@ -37,18 +38,29 @@ def simulate_json(capsys, chip, *extra):
     return code, json.loads(stdout) if stdout.strip() else None, err
 
 
-# the default tier simulates every linear of the Llama chip; GPT-2's and BERT's (the same tile
-# RTL on other shapes, 75 s more) run with the rtl tier
+# the default tier simulates every linear of the Llama chip on 4 tokens (a row-serial linear
+# takes one cycle per word line: ~500 cycles/s here); GPT-2's and BERT's run with the rtl tier
 @pytest.mark.parametrize("fam", ["llama", pytest.param("gpt2", marks=pytest.mark.rtl),
                                  pytest.param("bert", marks=pytest.mark.rtl)])
 def test_every_linear_bit_exact_on_the_amaranth_simulator(chips, capsys, fam):
-    code, r, err = simulate_json(capsys, chips[fam])
+    code, r, err = simulate_json(capsys, chips[fam], "--tokens", "4")
     assert code == 0, err
     index = json.loads((chips[fam] / "layers/index.json").read_text())
-    expected = sum(16 * lin["shape"][0] for lin in index["linears"])     # 16 tokens x every output
-    assert r["engine"] == "amaranth" and r["linears"] == len(index["linears"])
+    expected = sum(4 * lin["shape"][0] for lin in index["linears"])      # 4 tokens x every output
+    assert r["engine"] == "amaranth" and r["fabric"] == "rowserial" and r["linears"] == len(index["linears"])
     assert r["checked"] == expected and r["mismatches"] == 0
-    assert all(x["checked"] == 16 * x["shape"][0] for x in r["per_linear"])
+    assert all(x["checked"] == 4 * x["shape"][0] and x["rtl"] == "row-folded" for x in r["per_linear"])
+    # the RTL's cycles are the estimate's stage formula: rows / chains x passes + fill, per token
+    report = json.loads((chips[fam] / "report.json").read_text())["rowserial"]
+    assert r["cycles"] == 4 * report["linear_cycles"]
+
+
+def test_parallel_fabric_on_two_linears(chips, capsys):
+    code, r, err = simulate_json(capsys, chips["llama"], "--fabric", "parallel",
+                                 "--layer", "layers.0.k_proj", "--layer", "lm_head")
+    assert code == 0, err
+    assert r["fabric"] == "parallel" and r["checked"] == 16 * (32 + 256) and r["mismatches"] == 0
+    assert r["cycles"] == 2 * (16 + 2)              # one token per cycle, two cycles of latency
 
 
 def test_verilator_on_two_linears(chips, capsys):
@@ -61,11 +73,13 @@ def test_verilator_on_two_linears(chips, capsys):
     assert r["engine"] == "verilator" and r["checked"] == 16 * (32 + 256) and r["mismatches"] == 0
 
 
-def test_base_die_rtl_on_a_tiny_linear(chips, capsys):
-    """--rtl base: the base die's tile with the via layers loaded as data (Amaranth simulator)."""
-    code, r, err = simulate_json(capsys, chips["llama"], "--rtl", "base", "--layer", "layers.0.k_proj")
+@pytest.mark.parametrize("fabric, kind", [("rowserial", "row-base"), ("parallel", "base")])
+def test_base_die_rtl_on_a_tiny_linear(chips, capsys, fabric, kind):
+    """--rtl base: the base die's tiles with the via layers loaded as data (Amaranth simulator)."""
+    code, r, err = simulate_json(capsys, chips["llama"], "--rtl", "base", "--fabric", fabric,
+                                 "--layer", "layers.0.k_proj")
     assert code == 0, err
-    assert r["rtl"] == "base" and [x["rtl"] for x in r["per_linear"]] == ["base"]
+    assert r["rtl"] == "base" and [x["rtl"] for x in r["per_linear"]] == [kind]
     assert r["checked"] == 16 * 32 and r["mismatches"] == 0
 
 

@@ -13,6 +13,7 @@ from tapeout.backends.model_shape import kv_cache_bytes as _kv_bytes
 
 from .base import BaseDie, choose_base
 from .fabric import fabric_linear, fabric_model
+from . import rowfabric
 from .layers import LinearSpec, ViaLayers, build_layers, extract, lvs
 
 FULL_CHECK_MAX_WEIGHTS = 20_000_000   # above this, compile checks linear by linear (see --verify)
@@ -63,9 +64,10 @@ def sample_window(program: IntegerProgram, seed: int) -> dict[str, np.ndarray]:
     return itf.window_feeds(graph, window)
 
 
-def write_stimulus(program: IntegerProgram, layers: ViaLayers, out, tokens: int = 16) -> int:
+def write_stimulus(program: IntegerProgram, layers: ViaLayers, out, tokens: int = 16) -> tuple[int, dict]:
     """Golden's Q16 input and output of every linear on one sample window (``sim/``): what
-    ``tapeout simulate`` drives into the RTL and expects back. Returns the values stored."""
+    ``tapeout simulate`` drives into the RTL and expects back. Returns the values stored and
+    ``{linear index: (x, y)}``."""
     graph = program.graph
     names = set(layers.names)
     want: dict[str, list[str]] = {}
@@ -81,14 +83,17 @@ def write_stimulus(program: IntegerProgram, layers: ViaLayers, out, tokens: int 
             seen[outs[t]]["y"] = v
 
     Golden(program).run(sample_window(program, 1), keep=keep)
-    stored = 0
+    stored, pairs = 0, {}
     for i, n in enumerate(layers.names):
+        xy = []
         for k in ("x", "y"):
             v = seen[n][k]
             v = v.reshape(-1, v.shape[-1])[:tokens].astype(np.int32)
             out.write_npy(f"sim/{i:04d}.{k}.npy", v)
             stored += v.size
-    return stored
+            xy.append(v.astype(np.int64))
+        pairs[i] = tuple(xy)
+    return stored, pairs
 
 
 def plan_base(fmt: str, shapes: list[tuple[int, int]], summary: dict, context: int,
@@ -137,7 +142,11 @@ def compile_maskrom(program: IntegerProgram, out, *, base_name: str | None = Non
         with step(f"fabric model vs golden, linear by linear ({len(layers.names)} linears)"):
             checked = check_linears(program, layers)
     with step("golden stimulus for RTL simulation (sim/)"):
-        stimulus = write_stimulus(program, layers, out)
+        stimulus, pairs = write_stimulus(program, layers, out)
+    plan = rowfabric.chip_plan(layers)
+    with step(f"row-serial word-line images of {len(layers.names)} linears vs golden ({plan['tiles']} tiles)"):
+        rows = rowfabric.check_images(layers, plan, pairs)
+    del pairs
     out.write_bytes("base/base.json", base.canonical())
     out.write_bytes("layers/V_CODE.bin", layers.v_code)
     out.write_bytes("layers/V_FINE.bin", layers.v_fine)
@@ -154,6 +163,8 @@ def compile_maskrom(program: IntegerProgram, out, *, base_name: str | None = Non
         "cells": cells, "vias": {"V_CODE": vc_vias, "V_FINE": fine_vias},
         "lvs": {"values_compared": compared, "equal": True},
         "fabric_vs_golden": {"mode": verify, "equal": bool(outputs_equal), "values_checked": checked},
+        "rowserial": {**rowfabric.describe(plan), "values_checked": rows["values_checked"], "equal": rows["equal"],
+                      "linear_cycles": sum(rows["linear_cycles"].values())},
         "sim_stimulus_values": stimulus, "gds_tiles": tiles, "gds_vias_drawn": vias_drawn, "sram_bytes_needed": sram, "context": context,
     }
     if not outputs_equal:

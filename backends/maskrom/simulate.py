@@ -39,6 +39,7 @@ def fabric_inputs(x_q16: np.ndarray, unit: int, act_bits: int) -> tuple[np.ndarr
 
 
 RTL_KINDS = ("auto", "folded", "base")
+FABRICS = ("rowserial", "parallel")
 AUTO_FOLDED_TILES = 4      # --rtl auto: folded RTL up to this many tiles per linear, base-die RTL above
 
 
@@ -52,13 +53,27 @@ def rtl_kind(rtl: str, n_tiles: int) -> str:
     return rtl
 
 
+AUTO_FOLDED_WORDS = 1 << 14   # --rtl auto, row-serial: folded ROMs up to this many word lines per linear
+
+
 def simulate_chip(folder: str | Path, names: list[str] | None, engine: str, progress=None,
-                  rtl: str = "auto") -> dict:
+                  rtl: str = "auto", fabric: str = "rowserial", tokens: int | None = None) -> dict:
+    """The RTL of the chosen linears against golden's stimulus. ``fabric``: ``rowserial`` (the
+    chip's row-serial linears, ``hdl/rowserial.py``) or ``parallel`` (the one-token-per-cycle
+    tiles, ``hdl/romtile.py``). ``tokens``: drive only the stimulus's first N tokens."""
+    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+        raise TapeoutError(f"--tokens must be a positive number of tokens, not {tokens!r}")
     from tapeout.hdl.sim import simulate_fabric, verilator_available
     from tapeout.hdl.slots import make_slot, simulate_linear_slots
+    if fabric not in FABRICS:
+        raise TapeoutError(f"--fabric must be one of {', '.join(FABRICS)}, not {fabric!r}")
     folder = Path(folder)
     layers = load_layers(folder)
     rtl_kind(rtl, 1)                                  # reject a bad --rtl before any work
+    plan = None
+    if fabric == "rowserial":
+        from .rowfabric import chip_plan
+        plan = chip_plan(layers)
     slot = None                                       # one base-die tile slot per chip (one family)
     if engine == "verilator":
         ok, why = verilator_available()
@@ -72,19 +87,32 @@ def simulate_chip(folder: str | Path, names: list[str] | None, engine: str, prog
         except FileNotFoundError:
             raise TapeoutError(f"no golden stimulus for linear {li} (sim/{li:04d}.x.npy); recompile with "
                                "this tapeout version", file=str(folder)) from None
-        args = via_maps(layers, li)
-        elems, sh, emin = fabric_inputs(x, args["unit"], args["act_bits"])
+        x, y = x[:tokens], y[:tokens]
         o, i = layers.shapes[li]
-        kind = rtl_kind(rtl, -(-o // args["tile_rows"]) * -(-i // args["tile_cols"]))
         stats: dict = {}
-        label = f"{layers.roles[li]} ({o}x{i}, {kind} RTL)"
-        ctx = progress(f"RTL {engine}: {label}") if progress else _null()
-        with ctx:
-            if kind == "folded":
-                got, cyc = simulate_fabric(args, list(zip(elems, sh, emin)), engine=engine, stats=stats)
-            else:
-                slot = slot or make_slot(args)
-                got, cyc = simulate_linear_slots(args, elems, sh, emin, engine=engine, stats=stats, slot=slot)
+        if plan is not None:
+            from tapeout.hdl.rowserial import simulate_row_linear
+            from .rowfabric import linear_image
+            img = linear_image(layers, li, plan)
+            elems, sh, emin = fabric_inputs(x, img.spec.unit, img.spec.act_bits)
+            words = img.chains * img.chain_tiles * img.lines
+            kind = "folded" if rtl == "folded" or (rtl == "auto" and words <= AUTO_FOLDED_WORDS) else "base"
+            label = f"{layers.roles[li]} ({o}x{i}, row-serial {kind} RTL)"
+            with (progress(f"RTL {engine}: {label}") if progress else _null()):
+                got, cyc = simulate_row_linear(img, elems, sh, emin, engine=engine, folded=kind == "folded",
+                                               stats=stats)
+            kind = f"row-{kind}"
+        else:
+            args = via_maps(layers, li)
+            elems, sh, emin = fabric_inputs(x, args["unit"], args["act_bits"])
+            kind = rtl_kind(rtl, -(-o // args["tile_rows"]) * -(-i // args["tile_cols"]))
+            label = f"{layers.roles[li]} ({o}x{i}, {kind} RTL)"
+            with (progress(f"RTL {engine}: {label}") if progress else _null()):
+                if kind == "folded":
+                    got, cyc = simulate_fabric(args, list(zip(elems, sh, emin)), engine=engine, stats=stats)
+                else:
+                    slot = slot or make_slot(args)
+                    got, cyc = simulate_linear_slots(args, elems, sh, emin, engine=engine, stats=stats, slot=slot)
         if got.shape != y.shape:
             raise TapeoutError(f"RTL of {layers.roles[li]} returned {got.shape} values for golden's {y.shape}")
         bad = int(np.count_nonzero(got != y))
@@ -96,7 +124,7 @@ def simulate_chip(folder: str | Path, names: list[str] | None, engine: str, prog
         cycles += cyc
     if checked == 0:
         raise TapeoutError("simulated nothing: no values were checked")
-    return {"engine": engine, "rtl": rtl, "linears": len(rows), "checked": int(checked), "mismatches": int(mismatches),
+    return {"engine": engine, "rtl": rtl, "fabric": fabric, "linears": len(rows), "checked": int(checked), "mismatches": int(mismatches),
             "cycles": int(cycles), "seconds": round(time.perf_counter() - t0, 2), "per_linear": rows}
 
 

@@ -45,13 +45,17 @@ class MaskromTarget(Target):
         headline = (f"{report['base']} ({report['tiles_used']} of {report['tiles']} tiles), "
                     f"{report['vias']['V_CODE']} V_CODE + {report['vias']['V_FINE']} V_FINE vias, "
                     f"LVS {report['lvs']['values_compared']} values equal, fabric == golden "
-                    f"({report['fabric_vs_golden']['mode']}) on {report['fabric_vs_golden']['values_checked']} outputs")
+                    f"({report['fabric_vs_golden']['mode']}) on {report['fabric_vs_golden']['values_checked']} outputs; "
+                    f"row-serial: {report['rowserial']['tiles']} tiles of {report['rowserial']['word_lines']}x"
+                    f"{report['rowserial']['tile_cols']}, word-line images == golden on "
+                    f"{report['rowserial']['values_checked']} outputs")
         return report, headline
 
     def simulate(self, folder, program, opts: dict, args, step) -> tuple[dict, int, str]:
         from .simulate import simulate_chip
-        r = simulate_chip(folder, args.layer, args.engine, progress=step, rtl=args.rtl)
-        lines = [f"{x['role']:24s} {x['shape'][0]:6d}x{x['shape'][1]:<6d} {x['rtl']:6s} {x['checked']:8d} checked "
+        r = simulate_chip(folder, args.layer, args.engine, progress=step, rtl=args.rtl,
+                          fabric=getattr(args, "fabric", "rowserial"), tokens=getattr(args, "tokens", None))
+        lines = [f"{x['role']:24s} {x['shape'][0]:6d}x{x['shape'][1]:<6d} {x['rtl']:15s} {x['checked']:8d} checked "
                  f"{x['mismatches']:4d} mismatches {x['cycles']:6d} cycles" for x in r["per_linear"]]
         lines.append(f"{r['engine']}: {r['linears']} linears, {r['checked']} values checked, {r['mismatches']} "
                      f"mismatches, {r['cycles']} cycles, {r['seconds']} s")

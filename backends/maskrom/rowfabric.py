@@ -1,0 +1,83 @@
+"""A compiled chip on the row-serial fabric: which tiles and chains hold each linear, its
+word-line image read back from the via layers, and the check that the image computes golden's
+outputs (spec: docs/layout.md, "Row-serial fabric").
+
+The via layers record each weight's code (docs/layout.md); the row-serial tile stores the same
+codes as word-line ROM bits. The image of a linear is derived from the *extracted* layers, so a
+via the layout lost or gained changes the image, and the check sees it.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from tapeout.compiler.errors import TapeoutError
+from tapeout.hdl.reference import extract_codes
+from tapeout.hdl.rowserial import ROW_FORMATS, RowImage, RowSpec, row_image, row_reference, stage_cycles
+
+from .layers import ViaLayers, via_maps
+from .rowchip import ROW_ARCH_DEFAULTS, fit_chains, stages_of
+
+MAX_CHAIN_TILES = 32
+
+
+def chip_plan(layers: ViaLayers, arch: dict | None = None) -> dict:
+    """Tiles of the chip: ``chain_tiles`` per chain (the model's width, at most 32), chains per
+    layer group (the fewest whose stacked word lines fit ``word_lines``), as the estimate plans."""
+    a = {**ROW_ARCH_DEFAULTS, **(arch or {})}
+    fam = layers.base.family
+    C, W = a["tile_cols"], a["word_lines"]
+    hidden = layers.shapes[0][1]
+    K = a["chain_tiles"] or min(MAX_CHAIN_TILES, -(-hidden // C))
+    named = [(role, o, i) for role, (o, i) in zip(layers.roles, layers.shapes)]
+    groups = stages_of(named)
+    chains = {g: fit_chains(st, W, K * C) for g, st in groups.items()}
+    group_of = [role.rpartition(".")[0] or role for role in layers.roles]
+    return {"family": fam.name, "word_lines": W, "tile_cols": C, "unit": fam.unit, "chain_tiles": K,
+            "chains": chains, "group_of": group_of,
+            "tiles": sum(P * K for P in chains.values())}
+
+
+def linear_image(layers: ViaLayers, li: int, plan: dict) -> RowImage:
+    """The word lines of linear ``li`` (from the extracted via layers) on its group's chains.
+    The image's tile window holds this linear's word lines only; the other stages of its layer
+    use the tiles' other word lines."""
+    args = via_maps(layers, li)
+    codes = extract_codes(args["v_code"], args["v_fine"], args["coarse"], args["fine"])
+    P, K, C = plan["chains"][plan["group_of"][li]], plan["chain_tiles"], plan["tile_cols"]
+    o, i = codes.shape
+    lines = -(-o // P) * -(-i // (K * C))
+    spec = RowSpec(ROW_FORMATS[plan["family"]], word_lines=lines, cols=C, unit=args["unit"],
+                   act_bits=args["act_bits"], acc_bits=args["acc_bits"])
+    try:
+        return row_image(spec, codes, args["group_scale"], args["mult"], args["nshift"], args["bias"],
+                         chains=P, chain_tiles=K)
+    except ValueError as err:
+        raise TapeoutError(f"{layers.roles[li]} ({layers.names[li]}) does not fit the row-serial word line: {err}") from None
+
+
+def check_images(layers: ViaLayers, plan: dict, stimulus: dict[int, tuple[np.ndarray, np.ndarray]]) -> dict:
+    """Every linear's image computes golden's outputs on the stimulus (``{li: (x_q16, y)}``)."""
+    from .simulate import fabric_inputs
+    checked, cycles = 0, {}
+    for li in range(len(layers.names)):
+        img = linear_image(layers, li, plan)
+        x, y = stimulus[li]
+        elems, sh, emin = fabric_inputs(x, img.spec.unit, img.spec.act_bits)
+        got = row_reference(img, elems, sh, emin)
+        if not np.array_equal(got, y):
+            raise TapeoutError(f"internal check failed: the row-serial image of {layers.roles[li]} differs from "
+                               "golden (a compiler bug)")
+        checked += got.size
+        cycles[layers.roles[li]] = stage_cycles(img.out_dim, img.in_dim, chains=img.chains,
+                                                chain_tiles=img.chain_tiles, cols=img.spec.cols)
+    return {"values_checked": int(checked), "equal": True, "linear_cycles": cycles}
+
+
+def describe(plan: dict) -> dict:
+    """The plan as the report records it."""
+    P = plan["chains"]
+    return {"word_lines": plan["word_lines"], "tile_cols": plan["tile_cols"], "chain_tiles": plan["chain_tiles"],
+            "tiles": plan["tiles"], "chains": dict(P) if len(P) <= 8 else
+            {"groups": len(P), "min": min(P.values()), "max": max(P.values())},
+            "word_bits": RowSpec(ROW_FORMATS[plan["family"]], word_lines=plan["word_lines"], cols=plan["tile_cols"],
+                                 unit=plan["unit"]).word_bits}
