@@ -358,14 +358,17 @@ def _encode_codes(spec: RowSpec, codes: np.ndarray) -> tuple[np.ndarray, np.ndar
     sval = np.zeros((rows, fmt.slots), np.int64)
     if fmt.multiply:
         return codes & ((1 << fmt.code_bits) - 1), scol, sval
-    lo = min(fmt.values)
-    table = np.full(max(fmt.values) - lo + 1, -1, np.int64)
+    # one lookup over int8 codes: index of the value, -1 where the word has none (an outlier)
+    table = np.full(256, -1, np.int16)
     for k, v in reversed(list(enumerate(fmt.values))):          # the first index of a value
-        table[v - lo] = k
-    inside = (codes >= lo) & (codes <= max(fmt.values))
-    idx = np.where(inside, table[np.clip(codes - lo, 0, table.size - 1)], -1)
+        table[v + 128] = k
+    if codes.size and (codes.min() < -128 or codes.max() > 127):
+        r, c = np.argwhere((codes < -128) | (codes > 127))[0]
+        raise _WordError(int(r), f"code {int(codes[r, c])} does not fit the {fmt.name} word")
+    idx = table[(codes + 128).astype(np.uint8)].astype(np.int64)
     base = idx >= 0
-    idx = np.where(base, idx, table[0 - lo])                     # an outlier's cell holds zero
+    if not base.all():
+        idx[~base] = table[128]                                  # an outlier's cell holds zero
     if not fmt.slots:
         if not base.all():
             r, c = np.argwhere(~base)[0]
@@ -382,8 +385,8 @@ def _encode_codes(spec: RowSpec, codes: np.ndarray) -> tuple[np.ndarray, np.ndar
     if wide.any():
         r, c = np.argwhere(wide)[0]
         raise _WordError(int(r), f"code {int(codes[r, c])} does not fit a {fmt.slot_bits}-bit outlier slot")
-    r, c = np.nonzero(out)
-    rank = np.cumsum(out, axis=1)[r, c] - 1
+    r, c = np.nonzero(out)                                       # row-major: a row's outliers in order
+    rank = np.arange(r.size) - np.searchsorted(r, r)
     scol[r, rank] = c
     sval[r, rank] = codes[r, c] & ((1 << fmt.slot_bits) - 1)
     return idx, scol, sval
@@ -506,18 +509,25 @@ def row_reference(img: RowImage, x, sh, emin) -> np.ndarray:
         w = _sext(f["code"], fmt.code_bits)
     else:
         w = np.array(fmt.values, np.int64)[f["code"]]               # [P, K, L, C]
-    sval = _sext(f["sval"], fmt.slot_bits)
-    cols = np.arange(C)
-    for j in range(fmt.slots):                                      # a slot adds its code to its column
-        w = w + sval[..., j, None] * (f["scol"][..., j, None] == cols)
+    if fmt.slots:                                                   # a slot adds its code to its column
+        sval = _sext(f["sval"], fmt.slot_bits).reshape(-1, fmt.slots)
+        scol = f["scol"].reshape(-1, fmt.slots)
+        w, lines = w.reshape(-1, C).copy(), np.arange(scol.shape[0])
+        for j in range(fmt.slots):
+            w[lines, scol[:, j]] += sval[:, j]
     gs = f["m"] << f["e"] if fmt.m_bits else np.int64(1) << f["e"]
     gs = np.repeat(gs, spec.scale_span // U, axis=-1).reshape(P, K, S, Q, spec.units)
-    w = w.reshape(P, K, S, Q, spec.units, U)
-    xq = xp.reshape(T, Q, K, spec.units, U)
-    shq = shp.reshape(T, Q, K, spec.units)
+    # one tile, one word line, one unit: an exact float64 product (|w| <= 2**6, |x| <= 2**7 and at
+    # most 64 terms stay far below 2**53), batched over (tile, pass, unit) for BLAS
+    w = w.reshape(P, K, S, Q, spec.units, U).transpose(1, 3, 4, 0, 2, 5).reshape(K, Q, spec.units, P * S, U)
+    xq = xp.reshape(T, Q, K, spec.units, U).transpose(2, 1, 3, 4, 0)            # [K, Q, nu, U, T]
+    part = np.rint(np.matmul(w.astype(np.float64), xq.astype(np.float64))).astype(np.int64)
+    part = part.reshape(K, Q, spec.units, P, S, T)
+    gs = gs.transpose(1, 3, 4, 0, 2)[..., None]                                # [K, Q, nu, P, S, 1]
+    shq = shp.reshape(T, Q, K, spec.units).transpose(2, 1, 3, 0)[:, :, :, None, None, :]
     with np.errstate(over="ignore"):
-        part = np.einsum("pksquc,tqkuc->tpksqu", w, xq)             # one tile, one word line, per unit
-        acc = ((part * gs[None]) << shq.transpose(0, 2, 1, 3)[:, None, :, None, :, :]).sum(axis=(2, 4, 5))
+        acc = ((part * gs) << shq).sum(axis=(0, 1, 2))                          # [P, S, T]
+    acc = acc.transpose(2, 0, 1)
     acc = acc.transpose(0, 2, 1).reshape(T, -1)[:, :img.out_dim]    # [T, S * P]: o = s * P + p
     half = 1 << (spec.acc_bits - 1)
     acc = (acc + half) % (1 << spec.acc_bits) - half

@@ -11,10 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 from tapeout.compiler.errors import TapeoutError
-from tapeout.hdl.reference import extract_codes
 from tapeout.hdl.rowserial import ROW_FORMATS, RowImage, RowSpec, row_image, row_reference, stage_cycles
 
-from .layers import ViaLayers, via_maps
+from .layers import ViaLayers, extract
 from .rowchip import ROW_ARCH_DEFAULTS, fit_chains, stages_of
 
 MAX_CHAIN_TILES = 32
@@ -41,16 +40,17 @@ def linear_image(layers: ViaLayers, li: int, plan: dict) -> RowImage:
     """The word lines of linear ``li`` (from the extracted via layers) on its group's chains.
     The image's tile window holds this linear's word lines only; the other stages of its layer
     use the tiles' other word lines."""
-    args = via_maps(layers, li)
-    codes = extract_codes(args["v_code"], args["v_fine"], args["coarse"], args["fine"])
+    fam = layers.base.family
+    e = extract(layers, li)
+    U, g = fam.unit, e.group_size
+    unit_gs = np.repeat(e.group_scale, g // U, axis=1) if g >= U else e.group_scale[:, :: U // g]
     P, K, C = plan["chains"][plan["group_of"][li]], plan["chain_tiles"], plan["tile_cols"]
-    o, i = codes.shape
+    o, i = e.codes.shape
     lines = -(-o // P) * -(-i // (K * C))
-    spec = RowSpec(ROW_FORMATS[plan["family"]], word_lines=lines, cols=C, unit=args["unit"],
-                   act_bits=args["act_bits"], acc_bits=args["acc_bits"])
+    spec = RowSpec(ROW_FORMATS[plan["family"]], word_lines=lines, cols=C, unit=U,
+                   act_bits=fam.act_bits, acc_bits=fam.acc_bits)
     try:
-        return row_image(spec, codes, args["group_scale"], args["mult"], args["nshift"], args["bias"],
-                         chains=P, chain_tiles=K)
+        return row_image(spec, e.codes, unit_gs, e.mult, e.shift, e.bias, chains=P, chain_tiles=K)
     except ValueError as err:
         raise TapeoutError(f"{layers.roles[li]} ({layers.names[li]}) does not fit the row-serial word line: {err}") from None
 
