@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -204,3 +205,75 @@ def test_kv_cache_size(llama8b):
     per_token = 32 * 2 * 8 * 128
     assert r["components"]["kv_sram"]["counts"]["bytes"] == 2048 * (per_token + per_token // 32)
     assert math.isclose(r["components"]["kv_sram"]["counts"]["bytes"] / 2**20, 132, rel_tol=0.01)
+
+
+# --- the row-serial fabric (backends/maskrom/rowchip.py) ----------------------------------------
+def _llama8b(context=1024):
+    return shape_from_hf_config(CONFIG_DIR / "llama-3.1-8b.json", context=context)
+
+
+def test_rowserial_llama_8b_is_hc1_class():
+    """The issue's targets on the N6 table at context 1,024: area <= 1.5x HC1, <= 80 G
+    transistors, >= 17,000 tokens/s per user, <= 300 W."""
+    from tapeout.backends.maskrom.rowchip import compare, estimate_rowserial
+    for fmt in ("w3o6", "nvfp4"):
+        r = estimate_rowserial(_llama8b(), fmt, "n6")
+        assert r["area_mm2"] <= 1220 and r["transistors"] <= 80e9
+        assert r["tokens_per_s"] >= 17000 and r["power_w"] <= 300
+        c = compare(r, "hc1")["rows"]
+        assert c["area_mm2"]["reference"] == 815 and abs(c["area_mm2"]["ratio"] - r["area_mm2"] / 815) < 1e-12
+
+
+def test_rowserial_components_sum_and_price_the_rtl_cells():
+    from tapeout.backends.maskrom.rowchip import cell_transistors, estimate_rowserial
+    from tapeout.hdl.rowserial import ROW_FORMATS, RowSpec, stage_cycles
+    r = estimate_rowserial(_llama8b(), "w3o6", "n7")
+    comps = r["components"]
+    for key, part in (("area_mm2", "area_mm2"), ("transistors", "transistors"),
+                      ("energy_per_token_j", "energy_per_token_j")):
+        assert abs(sum(c[part] for c in comps.values()) - r[key]) <= 1e-9 * r[key] + 1
+    spec = RowSpec(ROW_FORMATS["w3o6"], word_lines=1024)
+    counts = spec.counts()
+    assert r["tile"]["cells"] == counts["cells"]
+    per_tile = sum(cell_transistors(k, n, counts["multipliers"]) for k, n in counts["cells"].items()) \
+        + counts["comparator_bits"] * 6 + counts["lut_bits"]
+    tiles = comps["weight_rom"]["counts"]["tiles"]
+    assert comps["tile_datapaths"]["counts"]["per_tile_transistors"] == round(per_tile)
+    assert comps["weight_rom"]["counts"]["bits"] == tiles * 1024 * spec.word_bits
+    # the cycle model is the RTL's stage formula
+    P, K = r["groups"]["first"]["chains"], r["arch"]["chain_tiles"]
+    assert r["cycles"]["per_layer"]["qkv_proj"] == stage_cycles(4096 + 2 * 1024, 4096, chains=P, chain_tiles=K, cols=64)
+    assert r["cycles"]["per_layer"]["mlp_out"] == stage_cycles(4096, 14336, chains=P, chain_tiles=K, cols=64)
+
+
+def test_rowserial_arch_options_and_errors():
+    from tapeout.backends.maskrom.rowchip import compare, estimate_rowserial
+    base = estimate_rowserial(_llama8b(), "nvfp4", "n6")
+    half = estimate_rowserial(_llama8b(), "nvfp4", "n6", arch={"word_lines": 512})
+    assert half["components"]["weight_rom"]["counts"]["tiles"] > base["components"]["weight_rom"]["counts"]["tiles"]
+    assert half["tokens_per_s"] > base["tokens_per_s"]
+    with pytest.raises(TapeoutError, match=r"unknown row-serial architecture option\(s\) \['row_fold'\]"):
+        estimate_rowserial(_llama8b(), "nvfp4", arch={"row_fold": 4})
+    with pytest.raises(TapeoutError, match=r"architecture option word_lines must be an integer >= 1, not 0"):
+        estimate_rowserial(_llama8b(), "nvfp4", arch={"word_lines": 0})
+    with pytest.raises(TapeoutError, match=r"unknown reference chip 'h100'; known: hc1"):
+        compare(base, "h100")
+
+
+def test_estimate_cli_compare_and_fabric(capsys):
+    from test_bad_input import assert_one_line_error, run_cli
+    cfg = str(CONFIG_DIR / "llama-3.1-8b.json")
+    code, out, err = run_cli(capsys, "estimate", "--hf-config", cfg, "--format", "w3o6", "--tech", "n6",
+                             "--context", "1024", "--compare", "hc1")
+    assert code == 0, err
+    assert "fabric row-serial" in out and "compared with Taalas HC1" in out
+    assert re.search(r"^area_mm2\s+828\.\d\s+815\.0\s+1\.0\d$", out, re.M)
+    code, out, err = run_cli(capsys, "estimate", "--hf-config", cfg, "--format", "w3o6", "--fabric", "parallel",
+                             "--arch", "row_fold=64")
+    assert code == 0, err
+    assert "row_fold 64" in out
+    code, _, err = run_cli(capsys, "estimate", "--hf-config", cfg, "--format", "w3o6", "--fabric", "parallel",
+                           "--compare", "hc1")
+    assert_one_line_error(code, err, "--compare applies to the row-serial fabric")
+    code, _, err = run_cli(capsys, "estimate", "--hf-config", cfg, "--format", "w3o6", "--arch", "word_lines")
+    assert_one_line_error(code, err, "--arch takes KEY=INTEGER, not 'word_lines'")

@@ -152,8 +152,9 @@ def test_diff_smollm2_against_its_fine_tune(tmp_path):
 
 @pytest.mark.rtl
 def test_one_smollm2_layer_bit_exact_under_verilator(tmp_path):
-    """All 7 linears of layer 0 (nvfp4) on the base-die RTL under Verilator, every output
-    against golden's (compile's sim/ stimulus)."""
+    """All 7 linears of layer 0 (nvfp4) under Verilator, every output against golden's
+    (compile's sim/ stimulus): on the row-serial RTL, whose cycles equal the estimate's stage
+    formula, and on the parallel fabric's base-die RTL."""
     import contextlib
     import io
     import json
@@ -167,14 +168,25 @@ def test_one_smollm2_layer_bit_exact_under_verilator(tmp_path):
     out = tmp_path / "chip"
     assert main(["compile", str(smol.export()), "--target", "maskrom", "--format", "nvfp4",
                  "--verify", "none", "-o", str(out)]) == 0
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        assert main(["simulate", str(out), "--layer", "layers.0", "--engine", "verilator", "--json"]) == 0
-    r = json.loads(buf.getvalue())
-    roles = [x["role"].split(".")[-1] for x in r["per_linear"]]
-    assert roles == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    assert all(x["rtl"] == "base" for x in r["per_linear"])
-    assert r["checked"] == 16 * (576 + 192 + 192 + 576 + 1536 + 1536 + 576) and r["mismatches"] == 0
+    from tapeout.backends.maskrom.layers import load_layers
+    from tapeout.backends.maskrom.rowfabric import chip_plan
+    from tapeout.hdl.rowserial import stage_cycles
+    plan = chip_plan(load_layers(out))
+    for fabric, kind in (("rowserial", "row-folded"), ("parallel", "base")):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            assert main(["simulate", str(out), "--layer", "layers.0", "--engine", "verilator",
+                         "--fabric", fabric, "--json"]) == 0
+        r = json.loads(buf.getvalue())
+        roles = [x["role"].split(".")[-1] for x in r["per_linear"]]
+        assert roles == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        assert all(x["rtl"] == kind for x in r["per_linear"])
+        assert r["checked"] == 16 * (576 + 192 + 192 + 576 + 1536 + 1536 + 576) and r["mismatches"] == 0
+        if fabric == "rowserial":
+            for x in r["per_linear"]:
+                o, i = x["shape"]
+                want = stage_cycles(o, i, chains=plan["chains"]["layers.0"], chain_tiles=plan["chain_tiles"], cols=64)
+                assert x["cycles"] == 16 * want
 
 
 def test_smollm2_with_its_mask_whole_model_fabric_equals_golden():

@@ -549,13 +549,23 @@ def _si(x: float, unit: str) -> str:
     return f"{x:.3g} {unit}"
 
 
+def shown_path(path: str | None) -> str:
+    """A table's path as the user would type it: relative to the working folder when inside it."""
+    if not path:
+        return "built in"
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def format_table(result: dict) -> str:
     """The text `tapeout estimate` prints: totals, then one line per component."""
     r = result
     lines = [
         f"model     {r['model']}  format {r['format']}  ({r['bits_per_weight']:.3f} bits/weight, "
         f"{r['weights'] / 1e6:,.1f}M weights in the fabric)",
-        f"tech      {r['tech']['name']} ({r['tech']['path']})  clock {_si(r['clock_hz'], 'Hz')}  "
+        f"tech      {r['tech']['name']} ({shown_path(r['tech']['path'])})  clock {_si(r['clock_hz'], 'Hz')}  "
         f"context {r['context']}  base family {r['base_family']}  row_fold {r['arch']['row_fold']}",
         f"area      {r['area_mm2']:,.1f} mm^2{'' if r['fits_reticle'] else '  (exceeds one reticle)'}",
         f"transistors {_si(r['transistors'], '')}   ROM {_si(r['rom_bits'], 'bit')}   "

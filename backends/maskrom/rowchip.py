@@ -331,13 +331,13 @@ def compare(result: dict, ref: str) -> dict:
 
 def format_rowserial(result: dict) -> str:
     """The text `tapeout estimate` prints for the row-serial fabric."""
-    from .estimate import _si
+    from .estimate import _si, shown_path
     r, t = result, result["tile"]
     a = r["arch"]
     lines = [
         f"model     {r['model']}  format {r['format']}  ({r['bits_per_weight']:.3f} bits/weight, "
         f"{r['weights'] / 1e6:,.1f}M weights in the fabric)",
-        f"tech      {r['tech']['name']} ({r['tech']['path']})  clock {_si(r['clock_hz'], 'Hz')}  "
+        f"tech      {r['tech']['name']} ({shown_path(r['tech']['path'])})  clock {_si(r['clock_hz'], 'Hz')}  "
         f"context {r['context']}  base family {r['base_family']}  fabric row-serial",
         f"tile      {t['word_lines']} word lines x {t['cols']} cells, {t['word_bits']}-bit words "
         f"({t['slots']} outlier slots), {a['chain_tiles']} tiles per chain; "

@@ -47,8 +47,9 @@ class MaskromTarget(Target):
                     f"LVS {report['lvs']['values_compared']} values equal, fabric == golden "
                     f"({report['fabric_vs_golden']['mode']}) on {report['fabric_vs_golden']['values_checked']} outputs; "
                     f"row-serial: {report['rowserial']['tiles']} tiles of {report['rowserial']['word_lines']}x"
-                    f"{report['rowserial']['tile_cols']}, word-line images == golden on "
-                    f"{report['rowserial']['values_checked']} outputs")
+                    f"{report['rowserial']['tile_cols']}" + (
+                        f", word-line images == golden on {report['rowserial']['values_checked']} outputs"
+                        if report["rowserial"]["equal"] else ", images not checked (--verify none)"))
         return report, headline
 
     def simulate(self, folder, program, opts: dict, args, step) -> tuple[dict, int, str]:
