@@ -23,7 +23,6 @@ registers the RTL instantiates (tests hold the counts against Yosys's ``stat``).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,7 +31,7 @@ from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from .basetile import INT32_MAX, INT32_MIN, requantize_rtl
+from .basetile import requantize_rtl
 from .romtile import check_positive, shift_left, tree_sum, wrap
 
 __all__ = ["RowFormat", "ROW_FORMATS", "RowSpec", "RowImage", "RowSerialTile", "RowSerialLinear",
