@@ -1,7 +1,7 @@
 """RTL simulation of compiled tiny chips through `tapeout simulate`: every linear of the tiny
-Llama on the row-serial fabric under the Amaranth simulator (4 tokens), Verilator on two
-linears, the parallel fabric on two (default tier); every linear of GPT-2 and BERT on
-Amaranth, and every linear under Verilator, in the `rtl` tier."""
+Llama (4 tokens), GPT-2 and BERT (2 tokens) on the row-serial fabric under the Amaranth
+simulator, Verilator on two linears, the parallel fabric on two (default tier); every linear
+of every chip on all 16 tokens under Verilator in the `rtl` tier."""
 from __future__ import annotations
 
 import json
@@ -38,21 +38,20 @@ def simulate_json(capsys, chip, *extra):
     return code, json.loads(stdout) if stdout.strip() else None, err
 
 
-# the default tier simulates every linear of the Llama chip on 4 tokens (a row-serial linear
-# takes one cycle per word line: ~500 cycles/s here); GPT-2's and BERT's run with the rtl tier
-@pytest.mark.parametrize("fam", ["llama", pytest.param("gpt2", marks=pytest.mark.rtl),
-                                 pytest.param("bert", marks=pytest.mark.rtl)])
-def test_every_linear_bit_exact_on_the_amaranth_simulator(chips, capsys, fam):
-    code, r, err = simulate_json(capsys, chips[fam], "--tokens", "4")
+# every linear of every tiny chip on a few tokens (a row-serial linear takes one cycle per word
+# line: ~500 cycles/s on the Amaranth simulator here, ~10 s per chip and token pair)
+@pytest.mark.parametrize("fam, tokens", [("llama", 4), ("gpt2", 2), ("bert", 2)])
+def test_every_linear_bit_exact_on_the_amaranth_simulator(chips, capsys, fam, tokens):
+    code, r, err = simulate_json(capsys, chips[fam], "--tokens", str(tokens))
     assert code == 0, err
     index = json.loads((chips[fam] / "layers/index.json").read_text())
-    expected = sum(4 * lin["shape"][0] for lin in index["linears"])      # 4 tokens x every output
+    expected = sum(tokens * lin["shape"][0] for lin in index["linears"])     # tokens x every output
     assert r["engine"] == "amaranth" and r["fabric"] == "rowserial" and r["linears"] == len(index["linears"])
     assert r["checked"] == expected and r["mismatches"] == 0
-    assert all(x["checked"] == 4 * x["shape"][0] and x["rtl"] == "row-folded" for x in r["per_linear"])
+    assert all(x["checked"] == tokens * x["shape"][0] and x["rtl"] == "row-folded" for x in r["per_linear"])
     # the RTL's cycles are the estimate's stage formula: rows / chains x passes + fill, per token
     report = json.loads((chips[fam] / "report.json").read_text())["rowserial"]
-    assert r["cycles"] == 4 * report["linear_cycles"]
+    assert r["cycles"] == tokens * report["linear_cycles"]
 
 
 def test_parallel_fabric_on_two_linears(chips, capsys):
