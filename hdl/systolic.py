@@ -85,10 +85,9 @@ def systolic_reference(x, W, acc_bits: int = 32) -> np.ndarray:
         raise TypeError(f"systolic_reference needs integer arrays, not {x.dtype} and {W.dtype}")
     with np.errstate(over="ignore"):
         y = x.astype(np.int64) @ W.astype(np.int64)
-    if acc_bits == 64:
-        return y
-    u = y & ((1 << acc_bits) - 1)
-    return np.where(u >= 1 << (acc_bits - 1), u - (1 << acc_bits), u)
+    k = np.int64(64 - acc_bits)           # sign-extend the low acc_bits bits (int64 shifts wrap)
+    with np.errstate(over="ignore"):
+        return (y << k) >> k
 
 
 def _check_args(n, act_bits, w_bits, acc_bits) -> tuple[int, int, int, int]:
