@@ -43,6 +43,10 @@ class Target:
     def preflight(self, graph, summary: dict, fmt: str, opts: dict) -> None:
         return None
 
+    def quant_config(self, config):
+        """The quantisation the target's hardware can hold (default: as asked)."""
+        return config
+
     def compile(self, program, out, opts: dict, step) -> tuple[dict, str]:
         raise NotImplementedError
 

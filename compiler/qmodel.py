@@ -245,6 +245,7 @@ class QuantConfig:
     head_format: str = "int8"
     group_fallback: bool = False     # a group that does not divide a layer's inputs -> gcd(in, group)
     damp: float | None = None        # GPTQ: fraction of mean(diag H) added to H's diagonal
+    outlier_cap: int | None = None   # w3o6: at most this many outliers per group (a chip's word slots)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fmt", resolve_format(self.fmt, self.bits))
@@ -258,6 +259,9 @@ class QuantConfig:
             raise TapeoutError(f"--outlier-frac must be in [0, 1], not {self.outlier_frac}")
         if self.group_size is not None and self.group_size < 1:
             raise TapeoutError(f"--group must be a positive integer, not {self.group_size}")
+        if self.outlier_cap is not None and (isinstance(self.outlier_cap, bool) or not isinstance(self.outlier_cap, int)
+                                             or self.outlier_cap < 0):
+            raise TapeoutError(f"the outlier cap must be a non-negative integer, not {self.outlier_cap!r}")
 
     @property
     def needs_calibration(self) -> bool:
@@ -395,6 +399,7 @@ def quantize_model(graph: Graph, config: QuantConfig, stats: CalibStats | None =
             kwargs = {"group_size": group, "bits": config.bits, "rtn": config.rtn or None}
             if fmt == "w3o6":
                 kwargs["outlier_frac"] = config.outlier_frac
+                kwargs["outlier_cap"] = config.outlier_cap
             if stats is not None and op.inputs[0] in stats.act_sq:
                 kwargs["act_sq"] = stats.act_sq[op.inputs[0]]
                 if config.gptq:

@@ -105,7 +105,8 @@ def quant_config(args: argparse.Namespace):
 def quant_options(config, args: argparse.Namespace) -> dict:
     """The quantisation options a manifest records: the resolved values (defaults filled in)."""
     return {"format": config.fmt, "group": args.group, "group_fallback": args.group_fallback,
-            "outlier_frac": config.outlier_frac if config.fmt == "w3o6" else None, "gptq": config.gptq,
+            "outlier_frac": config.outlier_frac if config.fmt == "w3o6" else None,
+            "outlier_cap": config.outlier_cap if config.fmt == "w3o6" else None, "gptq": config.gptq,
             "gptq_damp": config.damp if config.gptq else None, "rtn": args.rtn,
             "quantize_head": config.quantize_head, "calib_max_tokens": args.calib_max_tokens}
 
@@ -174,7 +175,7 @@ def compile_model(args: argparse.Namespace, progress: Progress) -> tuple[Path, i
     config = None
     if target.needs_format:
         args.quantize_head = True                      # one chip, one family: the LM head in the chip's format
-        config = quant_config(args)
+        config = target.quant_config(quant_config(args))
     graph, reports = front_end(model, binding, progress)
     summary = recognise(graph)
     program = qm = calib = None

@@ -169,3 +169,39 @@ def test_base_view_loads_the_image_and_equals_golden():
     assert np.array_equal(got, want) and got.size == 3 * 12
     assert stats["load_cycles"] == 2 * 1 * img.lines == 2 * 6 * 2       # chains x tiles x (slots x passes)
     assert cycles == 3 * stage_cycles(12, 128, chains=2, chain_tiles=1, cols=64)
+
+
+def test_quantiser_respects_an_outlier_cap():
+    from tapeout.compiler.errors import TapeoutError
+    from tapeout.compiler.quant.formats import quantize
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((16, 128)).astype(np.float32)
+    w[:, :8] *= 20                                   # loud columns want many outliers per group
+    qt = quantize(w, "w3o6", outlier_frac=0.03, outlier_cap=2)
+    per_group = qt.outliers.reshape(16, 2, 64).sum(-1)
+    assert per_group.max() <= 2 and qt.outliers.sum() == round(0.03 * w.size)
+    assert quantize(w, "w3o6", outlier_frac=0.03).outliers.reshape(16, 2, 64).sum(-1).max() > 2
+    with pytest.raises(TapeoutError, match=r"--outlier-frac 0.05 needs 4 outliers per group of 64; the chip's "
+                                           r"word line holds 2 \(use --outlier-frac <= 0.0312\)"):
+        quantize(w, "w3o6", outlier_frac=0.05, outlier_cap=2)
+
+
+def test_maskrom_compile_caps_w3o6_outliers_at_the_word_slots(tiny_llama, tmp_path, capsys):
+    """The chip's word line has 7 outlier slots per 64 weights: a compile quantises with at most
+    7 per group (recorded in the manifest) and refuses a fraction that needs more, before work."""
+    import json
+
+    from test_bad_input import assert_one_line_error, run_cli
+    ids = tmp_path / "ids.npy"
+    np.save(ids, np.random.default_rng(0).integers(0, 256, 64))
+    code, _, err = run_cli(capsys, "compile", tiny_llama, "--target", "maskrom", "--format", "w3o6",
+                           "--outlier-frac", "0.15", "--calib-tokens", ids, "-o", tmp_path / "bad")
+    assert_one_line_error(code, err, "--outlier-frac 0.15 needs 10 outliers per group of 64",
+                          "holds 7 (use --outlier-frac <= 0.1094)")
+    assert not (tmp_path / "bad").exists()
+    code, out, err = run_cli(capsys, "compile", tiny_llama, "--target", "maskrom", "--format", "w3o6",
+                             "--outlier-frac", "0.09", "--calib-tokens", ids, "-o", tmp_path / "ok")
+    assert code == 0, err
+    assert json.loads((tmp_path / "ok/manifest.json").read_text())["options"]["outlier_cap"] == 7
+    rows = json.loads((tmp_path / "ok/report.json").read_text())["rowserial"]
+    assert rows["equal"] is True and rows["values_checked"] > 0

@@ -1,6 +1,8 @@
 """``--target maskrom`` behind the target interface (backends/target.py)."""
 from __future__ import annotations
 
+import math
+
 from tapeout.backends.target import Target
 from tapeout.compiler.errors import TapeoutError
 
@@ -35,6 +37,25 @@ class MaskromTarget(Target):
         shapes = [tuple(int(d) for d in weight_matrix(graph, op).shape) for op in linear_ops(graph)]
         base, _ = plan_base(fmt, shapes, summary, opts["context"], opts["base"])
         check_gds_tiles(base, tile_list(opts["gds_tiles"]))
+
+    def quant_config(self, config):
+        """w3o6: at most the row-serial word line's outlier slots per 64 weights (hdl/rowserial.py)."""
+        if config.fmt != "w3o6" or config.outlier_cap is not None:
+            return config
+        import dataclasses
+
+        from tapeout.compiler.quant.formats import W3O6_GROUP
+        from tapeout.hdl.rowserial import ROW_FORMATS, RowSpec
+        g = config.group_size or W3O6_GROUP
+        spec = RowSpec(ROW_FORMATS["w3o6"])
+        if spec.cols % g:
+            return config                    # groups span word lines: the image check decides
+        cap = ROW_FORMATS["w3o6"].slots * g // spec.cols
+        need = math.ceil(config.outlier_frac * g - 1e-9)
+        if need > cap:                       # before any work (quantize checks each layer exactly)
+            raise TapeoutError(f"--outlier-frac {config.outlier_frac:g} needs {need} outliers per group of {g}; "
+                               f"the row-serial w3o6 word line holds {cap} (use --outlier-frac <= {cap / g:.4f})")
+        return dataclasses.replace(config, outlier_cap=cap)
 
     def compile(self, program, out, opts: dict, step) -> tuple[dict, str]:
         from .compile import compile_maskrom

@@ -10,7 +10,7 @@ from .fp4 import plan_mxfp4, plan_nvfp4
 from .gptq import DAMP, HessianFactor, gptq_codes
 from .intq import plan_int
 from .tensor import FP4_BLOCK, QuantTensor
-from .w3o6 import plan_w3o6
+from .w3o6 import default_cap, plan_w3o6
 
 KNOWN_FORMATS = ("w3o6", "mxfp4", "nvfp4", "int4", "int8")
 W3O6_GROUP = 64             # default w3o6 group (docs/formats.md: best quality at <= 3.6 bits)
@@ -103,10 +103,25 @@ def check_calibration(act_sq, hessian, n_in: int, gptq: bool, rtn: bool):
     return act_sq, hessian
 
 
+def w3o6_cap(shape: tuple[int, int], group_size: int, outlier_frac: float, outlier_cap: int | None) -> int | None:
+    """The per-group outlier cap: the count field's rule, lowered to ``outlier_cap`` when given;
+    an outlier fraction that needs more than the cap on average is an error."""
+    if outlier_cap is None:
+        return None
+    out, n_in = shape
+    groups = out * (n_in // group_size)
+    k = int(round(outlier_frac * out * n_in))
+    if groups and -(-k // groups) > outlier_cap:
+        raise TapeoutError(f"--outlier-frac {outlier_frac:g} needs {-(-k // groups)} outliers per group of "
+                           f"{group_size}; the chip's word line holds {outlier_cap} (use --outlier-frac <= "
+                           f"{outlier_cap / group_size:.4f})")
+    return min(default_cap(k, groups, group_size), outlier_cap)
+
+
 def quantize(w: np.ndarray, fmt: str, *, group_size: int | None = None, bits: int | None = None,
              outlier_frac: float | None = None, act_sq: np.ndarray | None = None,
              hessian: "np.ndarray | HessianFactor | None" = None, gptq: bool = False,
-             rtn: bool = False, damp: float = DAMP) -> QuantTensor:
+             rtn: bool = False, damp: float = DAMP, outlier_cap: int | None = None) -> QuantTensor:
     """Quantise a float weight ``w`` [out, in] (rows = output channels) to format ``fmt``.
 
     ``group_size`` runs along the input; int formats default to per channel, w3o6 to 64,
@@ -115,7 +130,9 @@ def quantize(w: np.ndarray, fmt: str, *, group_size: int | None = None, bits: in
     [in, in] (X^T X / n) enables ``gptq`` (``damp``: the fraction of mean(diag H) added to
     its diagonal). ``rtn=True`` is plain round-to-nearest from absmax
     scales (the baselines); otherwise int and w3o6 search a clipping ratio per group. mxfp4
-    and nvfp4 always follow their specifications' scale rules.
+    and nvfp4 always follow their specifications' scale rules. ``outlier_cap``: w3o6 holds at
+    most that many outliers per group (the slots of a chip's word line; default: the count
+    field's rule, ``w3o6.default_cap``).
     """
     fmt = resolve_format(fmt, bits)
     if outlier_frac is None:
@@ -132,7 +149,8 @@ def quantize(w: np.ndarray, fmt: str, *, group_size: int | None = None, bits: in
     elif fmt == "nvfp4":
         plan = plan_nvfp4(w)
     elif fmt == "w3o6":
-        plan = plan_w3o6(w64, group_size, imp, float(outlier_frac), rtn)
+        plan = plan_w3o6(w64, group_size, imp, float(outlier_frac), rtn,
+                         cap=w3o6_cap(w.shape, group_size, float(outlier_frac), outlier_cap))
     else:
         plan = plan_int(w64, int(fmt[3:]), group_size, imp, rtn)
     if gptq and not isinstance(hessian, HessianFactor):
