@@ -38,6 +38,7 @@ __all__ = ["RowFormat", "ROW_FORMATS", "RowSpec", "RowImage", "RowSerialTile", "
            "row_image", "row_reference", "stage_cycles", "FILL_CYCLES"]
 
 E2M1_DOUBLED = (0, 1, 2, 3, 4, 6, 8, 12)
+ROW_ARCH_WORD_LINES = 1024     # the base die's word lines per tile (the estimate's default)
 
 
 @dataclass(frozen=True)

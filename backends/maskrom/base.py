@@ -78,7 +78,8 @@ class BaseDie:
         fam["coarse"], fam["fine"], fam["formats"] = list(fam["coarse"]), list(fam["fine"]), list(fam["formats"])
         return {"name": self.name, "family": fam, "tiles": self.tiles, "sram_bytes": self.sram_bytes,
                 "cells": self.tiles * self.family.tile_rows * self.family.tile_cols,
-                "layers": {"V_CODE": {"gds": [101, 0]}, "V_FINE": {"gds": [102, 0]}}}
+                "layers": {"V_CODE": {"gds": [101, 0]}, "V_FINE": {"gds": [102, 0]}},
+                "rowserial": rowserial_tile(self.family)}
 
     def canonical(self) -> bytes:
         return (json.dumps(self.describe(), sort_keys=True, separators=(",", ":")) + "\n").encode()
@@ -86,6 +87,18 @@ class BaseDie:
     @property
     def sha256(self) -> str:
         return hashlib.sha256(self.canonical()).hexdigest()
+
+
+def rowserial_tile(fam: Family) -> dict:
+    """The family's row-serial tile (hdl/rowserial.py): geometry and word format, part of the
+    base die (the chain wiring a compile plans is in its report)."""
+    from tapeout.hdl.rowserial import ROW_ARCH_WORD_LINES, ROW_FORMATS, RowSpec
+    spec = RowSpec(ROW_FORMATS[fam.name], word_lines=ROW_ARCH_WORD_LINES, cols=fam.tile_cols, unit=fam.unit,
+                   act_bits=fam.act_bits, acc_bits=fam.acc_bits)
+    f = spec.fmt
+    return {"word_lines": spec.word_lines, "cols": spec.cols, "unit": spec.unit, "word_bits": spec.word_bits,
+            "fields": {k: list(v) for k, v in spec.fields().items()}, "code_values": list(f.values),
+            "outlier_slots": f.slots, "scale_bits": [f.m_bits, f.e_bits], "multiply": f.multiply}
 
 
 def family_for(fmt: str) -> Family:

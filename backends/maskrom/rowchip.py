@@ -17,14 +17,14 @@ from typing import Any
 
 from tapeout.compiler.errors import TapeoutError
 from tapeout.compiler.quant.formats import W3O6_OUTLIER_FRAC
-from tapeout.hdl.rowserial import ROW_FORMATS, RowSpec, stage_cycles
+from tapeout.hdl.rowserial import ROW_ARCH_WORD_LINES, ROW_FORMATS, RowSpec, stage_cycles
 
 from .base import family_for
 from .estimate import (T_AND2, T_FLOP, T_MUX2, ModelShape, _Chip, _Energy, add_shared_parts, format_cost, load_tech,
                        t_adder, t_mult, t_reg)
 
 ROW_ARCH_DEFAULTS: dict[str, int] = {
-    "word_lines": 1024,        # word lines per tile (base die)
+    "word_lines": ROW_ARCH_WORD_LINES,   # word lines per tile (base die)
     "tile_cols": 64,           # cells per word line
     "chain_tiles": 0,          # tiles per chain (0: ceil(hidden / tile_cols), at most 32)
     "chains": 0,               # chains per layer (0: the fewest whose word lines fit the tiles)
