@@ -277,3 +277,24 @@ def test_estimate_cli_compare_and_fabric(capsys):
     assert_one_line_error(code, err, "--compare applies to the row-serial fabric")
     code, _, err = run_cli(capsys, "estimate", "--hf-config", cfg, "--format", "w3o6", "--arch", "word_lines")
     assert_one_line_error(code, err, "--arch takes KEY=INTEGER, not 'word_lines'")
+
+
+@pytest.mark.parametrize("fam", ["gpt2", "bert", "phi3"])
+def test_rowserial_cycles_count_every_linear_once(tiny, capsys, fam):
+    """Fused q/k/v (GPT-2, Phi-3), an MLM transform outside the layers (BERT): every linear's
+    stage is in the token's cycles exactly once, in its layer or in the head."""
+    from test_bad_input import run_cli
+    code, out, err = run_cli(capsys, "estimate", tiny.export(fam, "dynamo", 20, "prefill"), "--format", "nvfp4",
+                             "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    per_layer, head, layers = r["cycles"]["per_layer"], r["cycles"]["head"], r["cycles"]["layers"]
+    assert layers == 2 and r["cycles"]["total"] == layers * sum(per_layer.values()) + sum(head.values())
+    linear_stage_cycles = sum(c for g in r["groups"].values() for c in g["stages"].values())
+    in_layers = sum(per_layer[k] for k in ("qkv_proj", "o_proj", "mlp_in", "mlp_out") if k in per_layer)
+    in_layers += sum(c for k, c in per_layer.items() if k not in (
+        "qkv_proj", "o_proj", "mlp_in", "mlp_out", "norm_1", "rope", "attention", "residual_1", "norm_2", "act",
+        "residual_2"))
+    in_head = sum(c for k, c in head.items() if k not in ("embed", "final_norm", "argmax"))
+    assert linear_stage_cycles == layers * in_layers + in_head
+    assert all(per_layer[k] > 0 for k in ("qkv_proj", "o_proj", "mlp_in", "mlp_out"))

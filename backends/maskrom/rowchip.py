@@ -13,6 +13,7 @@ Attention and the vector units are one shared set, used by each layer in turn.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from tapeout.compiler.errors import TapeoutError
@@ -36,8 +37,11 @@ ROW_ARCH_DEFAULTS: dict[str, int] = {
 }
 
 # the stage a linear joins: linears that read the same input run as one stage
-STAGE_OF = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o", "gate_proj": "mlp_in",
-            "up_proj": "mlp_in", "fc_in": "mlp_in", "down_proj": "mlp_out", "fc_out": "mlp_out"}
+STAGE_OF = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "qkv_proj": "qkv", "o_proj": "o",
+            "gate_proj": "mlp_in", "up_proj": "mlp_in", "gate_up_proj": "mlp_in", "fc_in": "mlp_in",
+            "down_proj": "mlp_out", "fc_out": "mlp_out"}
+LAYER_STAGES = ("qkv", "o", "mlp_in", "mlp_out")
+LAYER_GROUP = re.compile(r"^(L|layers\.)\d+$")     # a decoder/encoder layer's linears
 T_WORDLINE = 12       # decoder gate + driver per word line
 T_SENSE = 12          # precharge + single-ended sense per bit line
 ROUTING = 0.10        # wiring overhead on logic area (assumption)
@@ -215,14 +219,19 @@ def estimate_rowserial(shape: ModelShape, fmt: str, tech="n7", *, context: int |
         if I:
             out.update(mlp_in=st.get("mlp_in", 0), act=vec(I, a["lat_act"]), mlp_out=st.get("mlp_out", 0),
                        residual_2=vec(h, a["lat_residual"]))
+        for name, c in st.items():                 # a linear of another role: a stage of its own
+            if name not in LAYER_STAGES:
+                out[name] = c
         return out
 
-    layer_groups = [g for g in plan if g != "lm_head"]
+    layer_groups = [g for g in plan if LAYER_GROUP.match(g)]
     per_layer = {g: layer_cycles(ctx, plan[g]["stages"]) for g in layer_groups}
     mean_layer = {g: layer_cycles(max(1, ctx // 2), plan[g]["stages"]) for g in layer_groups}
     head = {"embed": a["lat_embed"], "final_norm": vec(h, a["lat_norm"])}
+    for g in plan:                                 # the head's linears (lm_head, an MLM transform, ...)
+        if g not in per_layer:
+            head.update(plan[g]["stages"])
     if "lm_head" in plan:
-        head["lm_head"] = plan["lm_head"]["stages"].get("lm_head", 0)
         head["argmax"] = a["lat_argmax"]
     cycles = sum(sum(c.values()) for c in per_layer.values()) + sum(head.values())
     mean_cycles = sum(sum(c.values()) for c in mean_layer.values()) + sum(head.values())
@@ -231,7 +240,8 @@ def estimate_rowserial(shape: ModelShape, fmt: str, tech="n7", *, context: int |
     # several users in flight: each layer group serves one user at a time; the shared attention
     # engine and vector units serve every layer of every user
     linear_busy = max(sum(c for s, c in plan[g]["stages"].items()) for g in plan)
-    shared_busy = sum(c[k] for c in per_layer.values() for k in c if k not in ("qkv_proj", "o_proj", "mlp_in", "mlp_out"))
+    shared = ("norm_1", "rope", "attention", "residual_1", "norm_2", "act", "residual_2")
+    shared_busy = sum(c.get(k, 0) for c in per_layer.values() for k in shared)
     busiest = max(linear_busy, shared_busy)
     users = max(1, math.floor(cycles / busiest))
     pipeline = {"busiest_cycles": busiest, "bottleneck": "shared attention and vector units"
