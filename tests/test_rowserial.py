@@ -199,6 +199,10 @@ def test_maskrom_compile_caps_w3o6_outliers_at_the_word_slots(tiny_llama, tmp_pa
     assert_one_line_error(code, err, "--outlier-frac 0.15 needs 10 outliers per group of 64",
                           "holds 7 (use --outlier-frac <= 0.1094)")
     assert not (tmp_path / "bad").exists()
+    code, _, err = run_cli(capsys, "compile", tiny_llama, "--target", "maskrom", "--format", "w3o6",
+                           "--group", "32", "--calib-tokens", ids, "-o", tmp_path / "bad")
+    assert_one_line_error(code, err, "--group 32: the row-serial w3o6 word line holds one group of 64 weights")
+    assert not (tmp_path / "bad").exists()
     code, out, err = run_cli(capsys, "compile", tiny_llama, "--target", "maskrom", "--format", "w3o6",
                              "--outlier-frac", "0.09", "--calib-tokens", ids, "-o", tmp_path / "ok")
     assert code == 0, err

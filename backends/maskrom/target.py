@@ -48,9 +48,11 @@ class MaskromTarget(Target):
         from tapeout.hdl.rowserial import ROW_FORMATS, RowSpec
         g = config.group_size or W3O6_GROUP
         spec = RowSpec(ROW_FORMATS["w3o6"])
-        if spec.cols % g:
-            return config                    # groups span word lines: the image check decides
-        cap = ROW_FORMATS["w3o6"].slots * g // spec.cols
+        if g != spec.scale_span:
+            raise TapeoutError(f"--group {g}: the row-serial w3o6 word line holds one group of {spec.scale_span} "
+                               f"weights (its scale and {ROW_FORMATS['w3o6'].slots} outlier slots); use --group "
+                               f"{spec.scale_span} for --target maskrom")
+        cap = ROW_FORMATS["w3o6"].slots
         need = math.ceil(config.outlier_frac * g - 1e-9)
         if need > cap:                       # before any work (quantize checks each layer exactly)
             raise TapeoutError(f"--outlier-frac {config.outlier_frac:g} needs {need} outliers per group of {g}; "
