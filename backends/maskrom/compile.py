@@ -36,8 +36,9 @@ def specs_of(program: IntegerProgram) -> list[LinearSpec]:
     return out
 
 
-def check_linears(program: IntegerProgram, layers: ViaLayers, tokens: int = 4) -> int:
-    """Each linear alone: fabric model (from the extracted layers) vs golden on random Q16 tokens."""
+def check_linears(program: IntegerProgram, layers: ViaLayers, tokens: int = 4, also=None) -> int:
+    """Each linear alone: fabric model (from the extracted layers) vs golden on random Q16 tokens.
+    ``also(li, extracted)`` runs another check on the same extraction; its count is added."""
     gm = Golden(program)
     fab = fabric_linear(layers.base.family)
     rng = np.random.default_rng(0)
@@ -53,6 +54,8 @@ def check_linears(program: IntegerProgram, layers: ViaLayers, tokens: int = 4) -
         if not np.array_equal(a, b):
             raise TapeoutError(f"internal check failed: fabric model differs from golden on {name} (a compiler bug)")
         checked += a.size
+        if also is not None:
+            also(li, e)
     return checked
 
 
@@ -130,6 +133,10 @@ def compile_maskrom(program: IntegerProgram, out, *, base_name: str | None = Non
     fine_vias = sum(int(np.count_nonzero(c & fine)) for c in codes) if base.family.fine_bits else 0
     if verify == "auto":
         verify = "full" if cells <= FULL_CHECK_MAX_WEIGHTS else "linears"
+    with step("golden stimulus for RTL simulation (sim/)"):
+        stimulus, pairs = write_stimulus(program, layers, out)
+    plan = rowfabric.chip_plan(layers)
+    rows = {"values_checked": 0, "equal": None}
     outputs_equal, checked = True, 0
     if verify == "full":
         with step("whole-model fabric model vs golden on a sample window"):
@@ -138,16 +145,15 @@ def compile_maskrom(program: IntegerProgram, out, *, base_name: str | None = Non
             gold = Golden(program).run(feeds)
             outputs_equal = all(np.array_equal(fab[k], gold[k]) for k in gold)
             checked = int(sum(v.size for v in gold.values()))
-    elif verify == "linears":
-        with step(f"fabric model vs golden, linear by linear ({len(layers.names)} linears)"):
-            checked = check_linears(program, layers)
-    with step("golden stimulus for RTL simulation (sim/)"):
-        stimulus, pairs = write_stimulus(program, layers, out)
-    plan = rowfabric.chip_plan(layers)
-    rows = {"values_checked": 0, "equal": None, "linear_cycles": {}}
-    if verify != "none":
         with step(f"row-serial word-line images of {len(layers.names)} linears vs golden ({plan['tiles']} tiles)"):
             rows = rowfabric.check_images(layers, plan, pairs)
+    elif verify == "linears":
+        image_values = []
+        with step(f"fabric model and row-serial word-line images vs golden, linear by linear "
+                  f"({len(layers.names)} linears, {plan['tiles']} row-serial tiles)"):
+            checked = check_linears(program, layers, also=lambda li, e: image_values.append(
+                rowfabric.check_image(layers, plan, li, *pairs[li], e)))
+        rows = {"values_checked": int(sum(image_values)), "equal": True}
     del pairs
     out.write_bytes("base/base.json", base.canonical())
     out.write_bytes("layers/V_CODE.bin", layers.v_code)

@@ -36,12 +36,12 @@ def chip_plan(layers: ViaLayers, arch: dict | None = None) -> dict:
             "tiles": sum(P * K for P in chains.values())}
 
 
-def linear_image(layers: ViaLayers, li: int, plan: dict) -> RowImage:
+def linear_image(layers: ViaLayers, li: int, plan: dict, e=None) -> RowImage:
     """The word lines of linear ``li`` (from the extracted via layers) on its group's chains.
     The image's tile window holds this linear's word lines only; the other stages of its layer
     use the tiles' other word lines."""
     fam = layers.base.family
-    e = extract(layers, li)
+    e = extract(layers, li) if e is None else e      # a caller that extracted it already passes it
     U, g = fam.unit, e.group_size
     unit_gs = np.repeat(e.group_scale, g // U, axis=1) if g >= U else e.group_scale[:, :: U // g]
     P, K, C = plan["chains"][plan["group_of"][li]], plan["chain_tiles"], plan["tile_cols"]
@@ -55,19 +55,21 @@ def linear_image(layers: ViaLayers, li: int, plan: dict) -> RowImage:
         raise TapeoutError(f"{layers.roles[li]} ({layers.names[li]}) does not fit the row-serial word line: {err}") from None
 
 
+def check_image(layers: ViaLayers, plan: dict, li: int, x: np.ndarray, y: np.ndarray, e=None) -> int:
+    """Linear ``li``'s image computes golden's ``y`` from its Q16 input ``x``; returns the values checked."""
+    from .simulate import fabric_inputs
+    img = linear_image(layers, li, plan, e)
+    elems, sh, emin = fabric_inputs(x, img.spec.unit, img.spec.act_bits)
+    got = row_reference(img, elems, sh, emin)
+    if not np.array_equal(got, y):
+        raise TapeoutError(f"internal check failed: the row-serial image of {layers.roles[li]} differs from "
+                           "golden (a compiler bug)")
+    return int(got.size)
+
+
 def check_images(layers: ViaLayers, plan: dict, stimulus: dict[int, tuple[np.ndarray, np.ndarray]]) -> dict:
     """Every linear's image computes golden's outputs on the stimulus (``{li: (x_q16, y)}``)."""
-    from .simulate import fabric_inputs
-    checked = 0
-    for li in range(len(layers.names)):
-        img = linear_image(layers, li, plan)
-        x, y = stimulus[li]
-        elems, sh, emin = fabric_inputs(x, img.spec.unit, img.spec.act_bits)
-        got = row_reference(img, elems, sh, emin)
-        if not np.array_equal(got, y):
-            raise TapeoutError(f"internal check failed: the row-serial image of {layers.roles[li]} differs from "
-                               "golden (a compiler bug)")
-        checked += got.size
+    checked = sum(check_image(layers, plan, li, *stimulus[li]) for li in range(len(layers.names)))
     return {"values_checked": int(checked), "equal": True}
 
 
