@@ -644,7 +644,7 @@ class RowSerialTile(wiring.Component):
                 amount = Signal(unsigned(s.shift_amount_bits), name=f"amount_u{u}")
                 m.d.comb += amount.eq(field_of("e", u * s.unit // s.scale_span) + self.sh[u])
             shifted.append(shift_left(m, scaled, amount, s.acc_bits, f"sh_u{u}"))
-        total = tree_sum(list(shifted))
+        total = tree_sum(shifted)
         m.d.sync += self.part.eq(total[:s.acc_bits].as_signed())
         return m
 

@@ -199,6 +199,20 @@ def _ceil(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def tech_and_context(tech, clock_hz, shape: ModelShape, context: int | None) -> tuple[dict, dict, int]:
+    """The technology table, its values with ``clock_hz`` applied, and the checked context."""
+    table = load_tech(tech)
+    v = dict(table["values"])
+    if clock_hz is not None:
+        if isinstance(clock_hz, bool) or not isinstance(clock_hz, (int, float)) or clock_hz <= 0:
+            raise TapeoutError(f"clock must be a positive frequency in Hz, not {clock_hz!r}")
+        v["clock_hz"] = float(clock_hz)
+    ctx = shape.context if context is None else context
+    if isinstance(ctx, bool) or not isinstance(ctx, int) or ctx <= 0:
+        raise TapeoutError(f"context must be a positive number of tokens, not {ctx!r}")
+    return table, v, ctx
+
+
 class _Chip:
     """Collects components: transistors, area by class (logic / sram / rom), dynamic energy."""
 
@@ -222,6 +236,17 @@ class _Chip:
             "counts": {k: (round(x) if isinstance(x, float) and x > 1e3 else x) for k, x in (counts or {}).items()},
         }
 
+    def totals(self, tokens_per_s: float) -> dict[str, float]:
+        """Give every component its leakage energy, energy per token and power at
+        ``tokens_per_s``; return the chip's sums."""
+        t_token = 1 / tokens_per_s
+        for c in self.parts.values():
+            c["leakage_energy_per_token_j"] = c["static_w"] * t_token
+            c["energy_per_token_j"] = c["dynamic_energy_per_token_j"] + c["leakage_energy_per_token_j"]
+            c["power_w"] = c["energy_per_token_j"] * tokens_per_s
+        return {k: sum(c[k] for c in self.parts.values())
+                for k in ("area_mm2", "transistors", "energy_per_token_j", "dynamic_energy_per_token_j", "static_w")}
+
 
 def estimate(shape: ModelShape, fmt: str, tech: dict | str | Path = "n5", *, context: int | None = None,
              clock_hz: float | None = None, outlier_frac: float = W3O6_OUTLIER_FRAC,
@@ -235,15 +260,7 @@ def estimate(shape: ModelShape, fmt: str, tech: dict | str | Path = "n5", *, con
     :data:`ARCH_DEFAULTS` (e.g. ``{"row_fold": 64}`` for row-serial tiles).
     """
     fc = format_cost(fmt)
-    table = load_tech(tech)
-    v = dict(table["values"])
-    if clock_hz is not None:
-        if isinstance(clock_hz, bool) or not isinstance(clock_hz, (int, float)) or clock_hz <= 0:
-            raise TapeoutError(f"clock must be a positive frequency in Hz, not {clock_hz!r}")
-        v["clock_hz"] = float(clock_hz)
-    ctx = shape.context if context is None else context
-    if isinstance(ctx, bool) or not isinstance(ctx, int) or ctx <= 0:
-        raise TapeoutError(f"context must be a positive number of tokens, not {ctx!r}")
+    table, v, ctx = tech_and_context(tech, clock_hz, shape, context)
     if not 0 <= outlier_frac <= 1:
         raise TapeoutError(f"outlier fraction must be in [0, 1], not {outlier_frac!r}")
     a = {**ARCH_DEFAULTS, **(arch or {})}
@@ -393,16 +410,10 @@ def estimate(shape: ModelShape, fmt: str, tech: dict | str | Path = "n5", *, con
     users = math.ceil(cycles / busiest)
     pipeline = {"busiest_stage_cycles": busiest, "users": users, "aggregate_tokens_per_s": clock / busiest,
                 "kv_sram_bytes_for_users": users * kv_bytes}
-    t_token = 1 / tps
 
     # ---- totals
     comps = chip.parts
-    for c in comps.values():
-        c["leakage_energy_per_token_j"] = c["static_w"] * t_token
-        c["energy_per_token_j"] = c["dynamic_energy_per_token_j"] + c["leakage_energy_per_token_j"]
-        c["power_w"] = c["energy_per_token_j"] * tps
-    total = {k: sum(c[k] for c in comps.values())
-             for k in ("area_mm2", "transistors", "energy_per_token_j", "dynamic_energy_per_token_j", "static_w")}
+    total = chip.totals(tps)
     rom_bits = rom_bits_w + emb_bits + norm_bits + rope_bits
     sram_bytes = kv_bytes + act_bytes
     assumptions = _assumptions(shape, fmt, fc, table, a, ctx, outlier_frac, fam, R, C)
@@ -559,25 +570,32 @@ def shown_path(path: str | None) -> str:
         return str(path)
 
 
-def format_table(result: dict) -> str:
-    """The text `tapeout estimate` prints: totals, then one line per component."""
-    r = result
-    lines = [
+def summary_lines(r: dict, tech_tail: str) -> list[str]:
+    """The totals block of an estimate's text: model, tech, area, transistors, speed, energy."""
+    return [
         f"model     {r['model']}  format {r['format']}  ({r['bits_per_weight']:.3f} bits/weight, "
         f"{r['weights'] / 1e6:,.1f}M weights in the fabric)",
         f"tech      {r['tech']['name']} ({shown_path(r['tech']['path'])})  clock {_si(r['clock_hz'], 'Hz')}  "
-        f"context {r['context']}  base family {r['base_family']}  row_fold {r['arch']['row_fold']}",
+        f"context {r['context']}  base family {r['base_family']}  {tech_tail}",
+    ]
+
+
+def totals_lines(r: dict, transistors_tail: str = "") -> list[str]:
+    return [
         f"area      {r['area_mm2']:,.1f} mm^2{'' if r['fits_reticle'] else '  (exceeds one reticle)'}",
-        f"transistors {_si(r['transistors'], '')}   ROM {_si(r['rom_bits'], 'bit')}   "
+        f"transistors {_si(r['transistors'], '')}{transistors_tail}   ROM {_si(r['rom_bits'], 'bit')}   "
         f"SRAM {r['sram_bytes'] / 2**20:,.1f} MiB",
         f"speed     {r['tokens_per_s']:,.0f} tokens/s per user ({r['cycles_per_token']:,} cycles/token; "
         f"{r['tokens_per_s_mean']:,.0f} mean over the context)",
         f"energy    {_si(r['energy_per_token_j'], 'J')}/token ({_si(r['dynamic_energy_per_token_j'], 'J')} dynamic)"
         f"   power {r['power_w']:,.2f} W (static {r['static_power_w']:,.2f} W)",
-        "",
-        f"{'component':15s} {'area mm^2':>11s} {'%':>5s} {'transistors':>12s} {'energy/token':>13s} "
-        f"{'(dynamic)':>11s} {'power W':>9s}",
     ]
+
+
+def component_lines(r: dict) -> list[str]:
+    """The per-component table and the cycles line of an estimate's text."""
+    lines = ["", f"{'component':15s} {'area mm^2':>11s} {'%':>5s} {'transistors':>12s} {'energy/token':>13s} "
+                 f"{'(dynamic)':>11s} {'power W':>9s}"]
     for name, c in r["components"].items():
         share = 100 * c["area_mm2"] / r["area_mm2"] if r["area_mm2"] else 0
         lines.append(f"{name:15s} {c['area_mm2']:11.2f} {share:5.1f} {_si(c['transistors'], ''):>12s} "
@@ -586,6 +604,13 @@ def format_table(result: dict) -> str:
     st = r["cycles"]["per_layer"]
     lines += ["", "cycles per layer: " + ", ".join(f"{k} {v}" for k, v in st.items())
               + f"; x {r['cycles']['layers']} layers; head: " + ", ".join(f"{k} {v}" for k, v in r["cycles"]["head"].items())]
+    return lines
+
+
+def format_table(result: dict) -> str:
+    """The text `tapeout estimate` prints: totals, then one line per component."""
+    r = result
+    lines = summary_lines(r, f"row_fold {r['arch']['row_fold']}") + totals_lines(r) + component_lines(r)
     p = r["pipeline"]
     lines.append(f"pipelined: up to {p['users']} users in flight, {p['aggregate_tokens_per_s']:,.0f} tokens/s "
                  f"aggregate (needs {p['kv_sram_bytes_for_users'] / 2**20:,.0f} MiB of KV SRAM)")

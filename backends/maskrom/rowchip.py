@@ -21,8 +21,8 @@ from tapeout.compiler.quant.formats import W3O6_OUTLIER_FRAC
 from tapeout.hdl.rowserial import ROW_ARCH_WORD_LINES, ROW_FORMATS, RowSpec, stage_cycles
 
 from .base import family_for
-from .estimate import (T_AND2, T_FLOP, T_MUX2, ModelShape, _Chip, _Energy, add_shared_parts, format_cost, load_tech,
-                       t_adder, t_mult, t_reg)
+from .estimate import (T_AND2, T_FLOP, T_MUX2, ModelShape, _Chip, _Energy, add_shared_parts, format_cost,
+                       t_adder, t_mult, t_reg, tech_and_context)
 
 ROW_ARCH_DEFAULTS: dict[str, int] = {
     "word_lines": ROW_ARCH_WORD_LINES,   # word lines per tile (base die)
@@ -45,6 +45,14 @@ LAYER_GROUP = re.compile(r"^(L|layers\.)\d+$")     # a decoder/encoder layer's l
 T_WORDLINE = 12       # decoder gate + driver per word line
 T_SENSE = 12          # precharge + single-ended sense per bit line
 ROUTING = 0.10        # wiring overhead on logic area (assumption)
+
+
+MAX_CHAIN_TILES = 32
+
+
+def default_chain_tiles(hidden: int, cols: int) -> int:
+    """Tiles per chain when the architecture leaves it open: the model's width, at most 32."""
+    return min(MAX_CHAIN_TILES, -(-hidden // cols))
 
 
 def check_arch(arch: dict | None) -> dict[str, int]:
@@ -123,21 +131,13 @@ def estimate_rowserial(shape: ModelShape, fmt: str, tech="n7", *, context: int |
                        arch: dict | None = None) -> dict[str, Any]:
     """Area, transistors, speed and power of the row-serial mask-ROM chip (docs/estimates.md)."""
     fc = format_cost(fmt)
-    table = load_tech(tech)
-    v = dict(table["values"])
-    if clock_hz is not None:
-        if isinstance(clock_hz, bool) or not isinstance(clock_hz, (int, float)) or clock_hz <= 0:
-            raise TapeoutError(f"clock must be a positive frequency in Hz, not {clock_hz!r}")
-        v["clock_hz"] = float(clock_hz)
-    ctx = shape.context if context is None else context
-    if isinstance(ctx, bool) or not isinstance(ctx, int) or ctx <= 0:
-        raise TapeoutError(f"context must be a positive number of tokens, not {ctx!r}")
+    table, v, ctx = tech_and_context(tech, clock_hz, shape, context)
     a = check_arch(arch)
     fam = family_for(fmt)
     C = a["tile_cols"]
     if C % fam.unit:
         raise TapeoutError(f"tile columns must be a multiple of the family's {fam.unit}-column unit, not {C}")
-    K = a["chain_tiles"] or min(32, -(-shape.hidden // C))
+    K = a["chain_tiles"] or default_chain_tiles(shape.hidden, C)
     a["chain_tiles"] = K
     spec = RowSpec(ROW_FORMATS[fam.name], word_lines=a["word_lines"], cols=C, unit=fam.unit,
                    act_bits=fam.act_bits, acc_bits=fam.acc_bits)
@@ -250,13 +250,7 @@ def estimate_rowserial(shape: ModelShape, fmt: str, tech="n7", *, context: int |
                 "kv_sram_bytes_for_users": users * memo["kv_bytes"]}
 
     comps = chip.parts
-    t_token = 1 / tps
-    for c in comps.values():
-        c["leakage_energy_per_token_j"] = c["static_w"] * t_token
-        c["energy_per_token_j"] = c["dynamic_energy_per_token_j"] + c["leakage_energy_per_token_j"]
-        c["power_w"] = c["energy_per_token_j"] * tps
-    total = {k: sum(c[k] for c in comps.values())
-             for k in ("area_mm2", "transistors", "energy_per_token_j", "dynamic_energy_per_token_j", "static_w")}
+    total = chip.totals(tps)
     all_rom = rom_bits + const_bits + memo["emb_bits"] + memo["norm_bits"] + memo["rope_bits"]
     one = next(iter(per_layer.values())) if per_layer else {}
     return {
@@ -278,7 +272,7 @@ def estimate_rowserial(shape: ModelShape, fmt: str, tech="n7", *, context: int |
                  "slots": spec.fmt.slots, "cells": counts["cells"], "comparators": counts["comparators"],
                  "lut_bits": counts["lut_bits"], "rom_bits": counts["rom_bits"],
                  "transistors": {k: round(x) for k, x in tt.items()}},
-        "groups": {g: {k: x for k, x in p.items()} for g, p in plan.items()} if len(plan) <= 4 else
+        "groups": plan if len(plan) <= 4 else
         {"layers": len(layer_groups), "first": plan[layer_groups[0]] if layer_groups else {},
          "lm_head": plan.get("lm_head", {})},
         "cycles": {"per_layer": one, "layers": len(layer_groups), "head": head, "total": cycles,
@@ -341,37 +335,14 @@ def compare(result: dict, ref: str) -> dict:
 
 def format_rowserial(result: dict) -> str:
     """The text `tapeout estimate` prints for the row-serial fabric."""
-    from .estimate import _si, shown_path
+    from .estimate import _si, component_lines, summary_lines, totals_lines
     r, t = result, result["tile"]
-    a = r["arch"]
-    lines = [
-        f"model     {r['model']}  format {r['format']}  ({r['bits_per_weight']:.3f} bits/weight, "
-        f"{r['weights'] / 1e6:,.1f}M weights in the fabric)",
-        f"tech      {r['tech']['name']} ({shown_path(r['tech']['path'])})  clock {_si(r['clock_hz'], 'Hz')}  "
-        f"context {r['context']}  base family {r['base_family']}  fabric row-serial",
-        f"tile      {t['word_lines']} word lines x {t['cols']} cells, {t['word_bits']}-bit words "
-        f"({t['slots']} outlier slots), {a['chain_tiles']} tiles per chain; "
-        f"{r['components']['weight_rom']['counts']['tiles']:,} tiles, "
-        f"{r['components']['chains']['counts']['chains']:,} chains",
-        f"area      {r['area_mm2']:,.1f} mm^2{'' if r['fits_reticle'] else '  (exceeds one reticle)'}",
-        f"transistors {_si(r['transistors'], '')} ({r['transistors_per_weight']:.2f} per weight)   "
-        f"ROM {_si(r['rom_bits'], 'bit')}   SRAM {r['sram_bytes'] / 2**20:,.1f} MiB",
-        f"speed     {r['tokens_per_s']:,.0f} tokens/s per user ({r['cycles_per_token']:,} cycles/token; "
-        f"{r['tokens_per_s_mean']:,.0f} mean over the context)",
-        f"energy    {_si(r['energy_per_token_j'], 'J')}/token ({_si(r['dynamic_energy_per_token_j'], 'J')} dynamic)"
-        f"   power {r['power_w']:,.2f} W (static {r['static_power_w']:,.2f} W)",
-        "",
-        f"{'component':15s} {'area mm^2':>11s} {'%':>5s} {'transistors':>12s} {'energy/token':>13s} "
-        f"{'(dynamic)':>11s} {'power W':>9s}",
-    ]
-    for name, c in r["components"].items():
-        share = 100 * c["area_mm2"] / r["area_mm2"] if r["area_mm2"] else 0
-        lines.append(f"{name:15s} {c['area_mm2']:11.2f} {share:5.1f} {_si(c['transistors'], ''):>12s} "
-                     f"{_si(c['energy_per_token_j'], 'J'):>13s} {_si(c['dynamic_energy_per_token_j'], 'J'):>11s} "
-                     f"{c['power_w']:9.3f}")
-    st = r["cycles"]["per_layer"]
-    lines += ["", "cycles per layer: " + ", ".join(f"{k} {v}" for k, v in st.items())
-              + f"; x {r['cycles']['layers']} layers; head: " + ", ".join(f"{k} {v}" for k, v in r["cycles"]["head"].items())]
+    tile = (f"tile      {t['word_lines']} word lines x {t['cols']} cells, {t['word_bits']}-bit words "
+            f"({t['slots']} outlier slots), {r['arch']['chain_tiles']} tiles per chain; "
+            f"{r['components']['weight_rom']['counts']['tiles']:,} tiles, "
+            f"{r['components']['chains']['counts']['chains']:,} chains")
+    lines = summary_lines(r, "fabric row-serial") + [tile] \
+        + totals_lines(r, f" ({r['transistors_per_weight']:.2f} per weight)") + component_lines(r)
     p = r["pipeline"]
     lines.append(f"pipelined: up to {p['users']} users in flight, {p['aggregate_tokens_per_s']:,.0f} tokens/s "
                  f"aggregate (bottleneck: {p['bottleneck']}; needs {p['kv_sram_bytes_for_users'] / 2**20:,.0f} MiB "

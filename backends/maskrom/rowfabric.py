@@ -14,9 +14,7 @@ from tapeout.compiler.errors import TapeoutError
 from tapeout.hdl.rowserial import ROW_FORMATS, RowImage, RowSpec, row_image, row_reference, stage_cycles
 
 from .layers import ViaLayers, extract
-from .rowchip import ROW_ARCH_DEFAULTS, fit_chains, stages_of
-
-MAX_CHAIN_TILES = 32
+from .rowchip import ROW_ARCH_DEFAULTS, default_chain_tiles, fit_chains, stages_of
 
 
 def chip_plan(layers: ViaLayers, arch: dict | None = None) -> dict:
@@ -26,7 +24,7 @@ def chip_plan(layers: ViaLayers, arch: dict | None = None) -> dict:
     fam = layers.base.family
     C, W = a["tile_cols"], a["word_lines"]
     hidden = layers.shapes[0][1]
-    K = a["chain_tiles"] or min(MAX_CHAIN_TILES, -(-hidden // C))
+    K = a["chain_tiles"] or default_chain_tiles(hidden, C)
     named = [(role, o, i) for role, (o, i) in zip(layers.roles, layers.shapes)]
     groups = stages_of(named)
     chains = {g: fit_chains(st, W, K * C) for g, st in groups.items()}
