@@ -13,7 +13,7 @@ from tapeout.backends.model_shape import kv_cache_bytes as _kv_bytes
 
 from .base import BaseDie, choose_base
 from .fabric import fabric_linear, fabric_model
-from . import rowfabric
+from . import rowfabric, sequencer
 from .layers import LinearSpec, ViaLayers, build_layers, extract, lvs
 
 FULL_CHECK_MAX_WEIGHTS = 20_000_000   # above this, compile checks linear by linear (see --verify)
@@ -108,6 +108,20 @@ def plan_base(fmt: str, shapes: list[tuple[int, int]], summary: dict, context: i
     return choose_base(fmt, shapes, sram, base_name), sram
 
 
+CHIP_CLOCK_HZ = 1e9        # the stated design clock of every technology table (docs/tech.md)
+
+
+def chip_sequencer(program: IntegerProgram, plan: dict, context: int, out) -> dict:
+    """Write ``chip/`` (sequencer JSON, listing, trace) when the model generates tokens; an
+    encoder or an export the chip cannot step token by token gets the reason instead."""
+    try:
+        seq = sequencer.build(program, plan, context=context)
+    except sequencer.ChipLoweringError as e:
+        return {"generates": False, "reason": str(e)}
+    sequencer.write(seq, out, CHIP_CLOCK_HZ)
+    return {"generates": True, "clock_hz": CHIP_CLOCK_HZ, **sequencer.summary(seq, CHIP_CLOCK_HZ)}
+
+
 def check_gds_tiles(base: BaseDie, tiles: list[int] | None) -> None:
     if tiles is not None and max(tiles) >= base.tiles:
         raise TapeoutError(f"--gds-tiles: tile {max(tiles)} does not exist; base {base.name} has {base.tiles} tiles")
@@ -136,6 +150,8 @@ def compile_maskrom(program: IntegerProgram, out, *, base_name: str | None = Non
     with step("golden stimulus for RTL simulation (sim/)"):
         stimulus, pairs = write_stimulus(program, layers, out)
     plan = rowfabric.chip_plan(layers)
+    with step("sequencer: the token program of the whole chip (chip/)"):
+        chip = chip_sequencer(program, plan, context, out)
     rows = {"values_checked": 0, "equal": None}
     outputs_equal, checked = True, 0
     if verify == "full":
@@ -173,6 +189,7 @@ def compile_maskrom(program: IntegerProgram, out, *, base_name: str | None = Non
         "fabric_vs_golden": {"mode": verify, "equal": bool(outputs_equal), "values_checked": checked},
         "rowserial": {**rowfabric.describe(plan), "values_checked": rows["values_checked"], "equal": rows["equal"],
                       "linear_cycles": rowfabric.linear_cycles(layers, plan)},
+        "chip": chip,
         "sim_stimulus_values": stimulus, "gds_tiles": tiles, "gds_vias_drawn": vias_drawn, "sram_bytes_needed": sram, "context": context,
     }
     if not outputs_equal:

@@ -68,6 +68,18 @@ def check_arch(arch: dict | None) -> dict[str, int]:
     return a
 
 
+def vector_cycles(n: int, latency: int, lanes: int) -> int:
+    """Cycles of a vector-unit op on ``n`` values per token: ``lanes`` values a cycle, then its latency."""
+    return -(-n // lanes) + latency
+
+
+def attention_cycles(attended: int, width: int, a: dict) -> int:
+    """Cycles of one layer's attention for a token that attends ``attended`` positions: the
+    shared engine takes ``attn_positions_per_cycle`` KV positions a cycle (all heads), then the
+    softmax latency and the ``width`` outputs through the vector lanes."""
+    return -(-attended // a["attn_positions_per_cycle"]) + a["lat_softmax"] + vector_cycles(width, 0, a["vector_lanes"])
+
+
 def stages_of(linears: list[tuple[str, int, int]]) -> dict[str, dict[str, list[tuple[int, int]]]]:
     """group (layer prefix, or the linear itself) -> stage -> [(rows, in)] of its linears."""
     groups: dict[str, dict[str, list[tuple[int, int]]]] = {}
@@ -209,13 +221,14 @@ def estimate_rowserial(shape: ModelShape, fmt: str, tech="n7", *, context: int |
     h, H, KV, D, I, V = shape.hidden, shape.heads, shape.kv_heads, shape.head_dim, shape.intermediate, a["vector_lanes"]
 
     def vec(n: int, lat: int) -> int:
-        return -(-n // V) + lat
+        return vector_cycles(n, lat, V)
 
     def layer_cycles(attended: int, st: dict[str, int]) -> dict[str, int]:
-        out = {"norm_1": vec(h, a["lat_norm"]), "qkv_proj": st.get("qkv", 0),
-               "rope": vec((H + KV) * D, a["lat_rope"]),
-               "attention": -(-attended // a["attn_positions_per_cycle"]) + a["lat_softmax"] + vec(H * D, 0),
-               "o_proj": st.get("o", 0), "residual_1": vec(h, a["lat_residual"]), "norm_2": vec(h, a["lat_norm"])}
+        out = {"norm_1": vec(h, a["lat_norm"]), "qkv_proj": st.get("qkv", 0)}
+        if not shape.positions:                    # rope models rotate q and k; learned positions do not
+            out["rope"] = vec((H + KV) * D, a["lat_rope"])
+        out.update(attention=attention_cycles(attended, H * D, a), o_proj=st.get("o", 0),
+                   residual_1=vec(h, a["lat_residual"]), norm_2=vec(h, a["lat_norm"]))
         if I:
             out.update(mlp_in=st.get("mlp_in", 0), act=vec(I, a["lat_act"]), mlp_out=st.get("mlp_out", 0),
                        residual_2=vec(h, a["lat_residual"]))
@@ -227,7 +240,10 @@ def estimate_rowserial(shape: ModelShape, fmt: str, tech="n7", *, context: int |
     layer_groups = [g for g in plan if LAYER_GROUP.match(g)]
     per_layer = {g: layer_cycles(ctx, plan[g]["stages"]) for g in layer_groups}
     mean_layer = {g: layer_cycles(max(1, ctx // 2), plan[g]["stages"]) for g in layer_groups}
-    head = {"embed": a["lat_embed"], "final_norm": vec(h, a["lat_norm"])}
+    head = {"embed": a["lat_embed"]}
+    if shape.positions:                            # a learned position embedding added to the token's
+        head["pos_embed"] = vec(h, a["lat_residual"])
+    head["final_norm"] = vec(h, a["lat_norm"])
     for g in plan:                                 # the head's linears (lm_head, an MLM transform, ...)
         if g not in per_layer:
             head.update(plan[g]["stages"])
