@@ -23,12 +23,14 @@ commands:
   diff      compare the via layers of two mask-ROM chips (compile folders or ONNX files)
   estimate  size a mask-ROM chip (area, transistors, energy/token, tokens/s) from shapes alone
   simulate  run the RTL of a compiled chip's linears on golden's inputs; every output checked
+  run       generate tokens on a compiled mask-ROM chip (golden, or the chip's cycle model)
 
 examples:
   tapeout inspect model.onnx
   tapeout inspect model.onnx --seq-len 32 --json
   tapeout compile model.onnx -o out/
   tapeout quantize model.onnx --format w3o6 -o q/
+  tapeout run out/ --prompt "Once upon a time" --new-tokens 16
   tapeout eval model.onnx --format nvfp4 --text eval.txt --tokenizer tokenizer.json --json
 
 Bad input (missing or corrupt files, unsupported ops, unbound dimensions) gives one line
@@ -155,6 +157,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, metavar="N", help="maskrom: drive only the first N of the 16 stimulus "
                    "tokens (default all)")
     p.add_argument("--json", action="store_true", help="print checked, mismatches, cycles, engine as JSON")
+
+    p = sub.add_parser("run", help="generate tokens on a compiled mask-ROM chip",
+                       description="Greedy generation on a compiled mask-ROM chip, one token at a time: the "
+                                   "prompt's tokens are read, then N new tokens are generated. Prints the tokens "
+                                   "(and the text, with a tokenizer), cycles per token and tokens/s at the chip's "
+                                   "clock (docs/chip.md).")
+    p.add_argument("out", metavar="CHIP", help="a `compile --target maskrom` folder")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", metavar="TEXT", help="the prompt as text (needs a tokenizer)")
+    src.add_argument("--tokens", metavar="IDS.npy", help="the prompt as a 1-D array of token ids")
+    p.add_argument("--new-tokens", type=int, default=16, metavar="N", help="tokens to generate (default 16)")
+    p.add_argument("--engine", choices=("golden", "chip"), default="chip",
+                   help="chip (default): the chip's cycle model from its via layers, vector unit and KV cache; "
+                        "golden: the integer reference (each token from a whole window)")
+    p.add_argument("--tokenizer", metavar="T", help="tokenizer.json or a folder holding one (default: the chip "
+                   "folder's tokenizer.json, copied at compile time)")
+    p.add_argument("--json", action="store_true", help="print tokens, cycles_per_token, engine, ... as JSON")
 
     p = sub.add_parser("estimate", help="size a mask-ROM chip from shapes alone",
                        description="Area, transistors, ROM bits, SRAM bytes, energy per token, tokens/s per "

@@ -261,3 +261,75 @@ def cmd_simulate(args: argparse.Namespace, progress: Progress) -> int:
     r, code, text = target.simulate(Path(args.out), program, man["options"], args, progress.step)
     print(dumps_json(r), end="") if args.json else print(text)
     return code
+
+
+# --- run --------------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace, progress: Progress) -> int:
+    """Generate tokens on a compiled mask-ROM chip (backends/maskrom/chipmodel.py)."""
+    import numpy as np
+    from tapeout.backends.maskrom import chipmodel as cm
+    progress.enabled = not args.json
+    folder = Path(args.out)
+    with progress.step("reading the chip (program, via layers, sequencer)"):
+        man, prog, layers, plan, seq = cm.load_chip(folder)
+    tok = None
+    if args.prompt is not None or (folder / "tokenizer.json").is_file() or args.tokenizer:
+        tok = _run_tokenizer(args, folder, required=args.prompt is not None)
+    if args.prompt is not None:
+        prompt = np.array(tok.encode(args.prompt).ids, np.int64)
+    else:
+        prompt = read_ids(args.tokens)
+    vocab = prog.interface.vocab
+    cm.check_prompt(prompt, args.new_tokens, vocab, seq.context)
+    n = args.new_tokens
+    if args.engine == "golden":
+        with progress.step(f"golden: {n} tokens, one window of {seq.seq_len} positions each"):
+            gen = cm.golden_generate(prog, prompt, n, context=seq.context)
+        gen.cycles = [seq.cycles_at(len(prompt) - 1 + i) for i in range(n)]
+    else:
+        with progress.step(f"building the chip model ({len(layers.names)} linears' word-line images)"):
+            chip = cm.ChipModel(prog, layers, plan, seq)
+        with progress.step(f"chip model: {len(prompt)} prompt + {n} new tokens"):
+            gen = chip.generate(prompt, n)
+    clock = float(man.get("options", {}).get("clock_hz") or 1e9)
+    mean = sum(gen.cycles) / len(gen.cycles) if gen.cycles else 0.0
+    r = {"engine": args.engine, "chip": str(folder), "prompt": [int(t) for t in prompt], "tokens": gen.tokens,
+         "cycles": gen.cycles, "cycles_per_token": mean, "clock_hz": clock,
+         "tokens_per_s": clock / mean if mean else None, "context": seq.context, "seconds": round(gen.seconds, 3)}
+    if tok is not None:
+        r["text"] = tok.decode(gen.tokens)
+        r["prompt_text"] = tok.decode(r["prompt"])
+    if args.json:
+        print(dumps_json(r), end="")
+        return 0
+    what = {"golden": "golden (integer reference, one window per token)",
+            "chip": "chip (cycle model: via-layer row images, vector unit, KV cache)"}[args.engine]
+    lines = [f"chip      {folder}  ({man['options'].get('format')}, {len(seq.attention)} layers, context {seq.context}, "
+             f"{len(seq.instrs)} sequencer instructions)",
+             f"engine    {what}",
+             f"prompt    {len(prompt)} tokens" + (f": {r['prompt_text']!r}" if tok is not None else f": {r['prompt']}"),
+             f"tokens    {gen.tokens}"]
+    if tok is not None:
+        lines.append(f"text      {r['text']!r}")
+    if gen.cycles:
+        lines.append(f"cycles    {mean:,.0f} per token (positions {len(prompt) - 1}..{len(prompt) + n - 2}: "
+                     f"{min(gen.cycles):,}..{max(gen.cycles):,}), {clock / mean:,.0f} tokens/s at {clock / 1e9:g} GHz")
+    lines.append(f"time      {gen.seconds:.2f} s on this machine")
+    print("\n".join(lines))
+    return 0
+
+
+def _run_tokenizer(args: argparse.Namespace, folder: Path, required: bool):
+    from tokenizers import Tokenizer
+    cand = Path(args.tokenizer) if args.tokenizer else folder / "tokenizer.json"
+    if cand.is_dir():
+        cand = cand / "tokenizer.json"
+    if not cand.is_file():
+        if not required:
+            return None
+        raise TapeoutError("--prompt needs a tokenizer: the chip folder has no tokenizer.json (compile with "
+                           "--tokenizer, or pass --tokenizer here, or give --tokens IDS.npy)", file=str(cand))
+    try:
+        return Tokenizer.from_file(str(cand))
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exceptions
+        raise TapeoutError(f"cannot load tokenizer: {e}", file=str(cand)) from None

@@ -51,6 +51,14 @@ def pass_log(reports) -> str:
 
 
 # --- calibration inputs and quantisation ------------------------------------------------------------
+def find_tokenizer(args: argparse.Namespace, model: Path) -> Path | None:
+    """--tokenizer (a file or a folder holding tokenizer.json), else tokenizer.json beside the model."""
+    cand = Path(args.tokenizer) if getattr(args, "tokenizer", None) else model.parent / "tokenizer.json"
+    if cand.is_dir():
+        cand = cand / "tokenizer.json"
+    return cand if cand.is_file() else None
+
+
 def _tokenizer(args: argparse.Namespace, model: Path, required_for: str):
     from tokenizers import Tokenizer
     cand = Path(args.tokenizer) if args.tokenizer else model.parent / "tokenizer.json"
@@ -204,6 +212,10 @@ def compile_model(args: argparse.Namespace, progress: Progress) -> tuple[Path, i
                 program.save(out)
             out.write_json("quant_report.json", quant_report)
             _, headline = target.compile(program, out, topts, progress.step)
+            if target.name == "maskrom":
+                tok = find_tokenizer(args, model)
+                if tok is not None:           # `tapeout run --prompt` reads it from the chip folder
+                    out.write_bytes("tokenizer.json", tok.read_bytes())
         with progress.step("hashing inputs and artifacts"):
             manifest = {"tool": "tapeout", "version": __version__, "command": "compile", "options": options,
                         "input": {"model": model.name, "sha256": input_hashes(model)}}

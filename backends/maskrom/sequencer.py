@@ -239,10 +239,11 @@ def analyse(prog: IntegerProgram) -> tuple[dict[str, int | None], dict[str, int]
             perm = list(op.attr("perm", ()) or range(len(shape_of(op.inputs[0])))[::-1])
             axis[outs[0]] = perm.index(ax(op.inputs[0]))
         elif k in ("Split", "Concat"):
-            a0 = next(iter(carried.values()))
-            if any(v != a0 for v in carried.values()) or len(carried) != len(ins):
+            data = [op.inputs[0]] if k == "Split" else ins
+            a0 = ax(data[0])
+            if a0 is None or any(ax(t) != a0 for t in data):
                 fail(op, f"{k} of a position table with activations")
-            if op.attr("axis", 0) % len(shape_of(ins[0])) == a0:
+            if op.attr("axis", 0) % len(shape_of(data[0])) == a0:
                 fail(op, f"{k} along the sequence axis")
             for o in outs:
                 axis[o] = a0

@@ -1,0 +1,156 @@
+"""The whole chip generating tokens: the sequencer's token program, the chip model (via-layer
+row images, the vector unit, a KV cache) against golden's windows, `tapeout run`, and the
+sequencer's cycles against the estimate's."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from _support import rehash
+from test_bad_input import assert_one_line_error, run_cli
+from tapeout.cli import main
+
+# (family, exporter, mask): every family of the real-exports matrix that generates text
+FAMILIES = [("llama", "dynamo", False), ("llama", "legacy", False), ("gpt2", "dynamo", False),
+            ("llama", "dynamo", True), ("qwen2", "dynamo", True), ("neox", "dynamo", True),
+            ("phi3", "dynamo", True), ("gemma", "dynamo", True)]
+
+
+def _export(tiny, fam, exp, mask):
+    opset = 20 if exp == "dynamo" else 17
+    return tiny.export(fam, exp, opset, "prefill", mask=mask)
+
+
+@pytest.fixture(scope="module")
+def chips(tmp_path_factory, tiny):
+    root = tmp_path_factory.mktemp("chips")
+    out = {}
+    for case in FAMILIES:
+        out[case] = root / "-".join(map(str, case))
+        assert main(["compile", str(_export(tiny, *case)), "--target", "maskrom", "--format", "nvfp4",
+                     "-o", str(out[case])]) == 0
+    return out
+
+
+@pytest.mark.parametrize("case", FAMILIES, ids=lambda c: "-".join(map(str, c)))
+def test_chip_model_logits_equal_golden_at_every_position(chips, case):
+    from tapeout.backends.maskrom import chipmodel as cm
+    man, prog, layers, plan, seq = cm.load_chip(chips[case])
+    ids = np.random.default_rng(1).integers(0, prog.interface.vocab, seq.seq_len)
+    gold = cm.golden_window_logits(prog, ids)                  # one window: golden's prefill
+    chip = cm.ChipModel(prog, layers, plan, seq)
+    checked = 0
+    for t, tok in enumerate(ids):                              # the chip: one token at a time
+        logits, cycles = chip.step(int(tok))
+        assert np.array_equal(logits, gold[t]), f"position {t}"
+        assert cycles == seq.cycles_at(t)
+        checked += logits.size
+    assert checked == seq.seq_len * prog.interface.vocab
+    with pytest.raises(Exception, match="past the chip's context"):
+        chip.step(0)
+
+
+@pytest.mark.parametrize("case", FAMILIES[:3], ids=lambda c: "-".join(map(str, c)))
+def test_run_chip_equals_golden(chips, capsys, tmp_path, case):
+    ids = tmp_path / "p.npy"
+    np.save(ids, np.array([3, 1, 4, 1, 5]))
+    res = {}
+    for engine in ("golden", "chip"):
+        code, out, err = run_cli(capsys, "run", chips[case], "--tokens", ids, "--new-tokens", 11,
+                                 "--engine", engine, "--json")
+        assert code == 0, err
+        res[engine] = json.loads(out)
+    assert res["chip"]["tokens"] == res["golden"]["tokens"] and len(res["chip"]["tokens"]) == 11
+    seq = json.loads((chips[case] / "chip/sequencer.json").read_text())
+    assert res["chip"]["cycles"] == res["golden"]["cycles"]
+    # token i comes out of position 4 + i, which attends 5 + i keys: the listing's fixed cycles plus
+    # one cycle per attn_positions_per_cycle keys in every attention instruction
+    ppc = seq["arch"]["attn_positions_per_cycle"]
+    fixed = sum(i["cycles"] for i in seq["instructions"])
+    attn = sum(i["per_key"] for i in seq["instructions"])
+    assert res["chip"]["cycles"] == [fixed + attn * -(-(5 + i) // ppc) for i in range(11)]
+    assert res["chip"]["cycles_per_token"] == pytest.approx(sum(res["chip"]["cycles"]) / 11)
+    assert res["chip"]["engine"] == "chip"
+
+
+def test_run_text_output_and_errors(chips, capsys, tmp_path):
+    chip = chips[FAMILIES[0]]
+    ids = tmp_path / "p.npy"
+    np.save(ids, np.array([7, 8, 9]))
+    code, out, err = run_cli(capsys, "run", chip, "--tokens", ids, "--new-tokens", 4)
+    assert code == 0, err
+    assert "cycles " in out and "tokens/s at 1 GHz" in out and "tokens    [" in out
+    code, _, err = run_cli(capsys, "run", chip, "--tokens", ids, "--new-tokens", 14)
+    assert_one_line_error(code, err, "context is 16")
+    code, _, err = run_cli(capsys, "run", chip, "--prompt", "hello", "--new-tokens", 2)
+    assert_one_line_error(code, err, "needs a tokenizer")
+    np.save(ids, np.array([7, 999]))
+    code, _, err = run_cli(capsys, "run", chip, "--tokens", ids, "--new-tokens", 2)
+    assert_one_line_error(code, err, "999", "vocabulary")
+    # a damaged sequencer file is refused by the manifest's hashes
+    bad = tmp_path / "bad"
+    shutil.copytree(chip, bad)
+    (bad / "chip/sequencer.json").write_text("{}")
+    np.save(ids, np.array([7]))
+    code, _, err = run_cli(capsys, "run", bad, "--tokens", ids, "--new-tokens", 2)
+    assert_one_line_error(code, err, "sequencer.json")
+
+
+def test_run_refuses_an_encoder(tiny, capsys, tmp_path):
+    out = tmp_path / "bert"
+    assert main(["compile", str(tiny.export("bert", "dynamo", 20, "prefill")), "--target", "maskrom",
+                 "--format", "nvfp4", "-o", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["chip"]["generates"] is False and "encoder" in report["chip"]["reason"]
+    ids = tmp_path / "p.npy"
+    np.save(ids, np.array([1, 2]))
+    code, _, err = run_cli(capsys, "run", out, "--tokens", ids, "--new-tokens", 2)
+    assert_one_line_error(code, err, "encoder")
+
+
+def test_sequencer_artifacts(chips):
+    chip = chips[FAMILIES[0]]
+    seq = json.loads((chip / "chip/sequencer.json").read_text())
+    units = [i["unit"] for i in seq["instructions"]]
+    assert units[0] == "embed" and units[-1] == "argmax"
+    assert units.count("attention") == len(seq["attention"]) == 2
+    # every linear of the program is in exactly one fabric stage
+    index = json.loads((chip / "layers/index.json").read_text())
+    in_stages = [o for i in seq["instructions"] if i["unit"] == "fabric" for o in i["ops"]]
+    assert sorted(in_stages) == sorted(lin["op"] for lin in index["linears"])
+    trace = json.loads((chip / "chip/trace.json").read_text())
+    x = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert len(x) == len(seq["instructions"])
+    assert sum(e["args"]["cycles"] for e in x) == seq["cycles"]["last_token"] == trace["otherData"]["cycles"]
+    listing = (chip / "chip/sequencer.txt").read_text()
+    assert listing.count("\n") == len(seq["instructions"]) + 3
+
+
+@pytest.mark.parametrize("case", [FAMILIES[0], FAMILIES[2], FAMILIES[4]], ids=lambda c: "-".join(map(str, c)))
+def test_sequencer_cycles_equal_the_estimate(chips, case):
+    """The estimate (from shapes alone) and the compiled chip's sequencer count the same cycles
+    for a token at the last position of the context."""
+    from tapeout.backends.maskrom import chipmodel as cm
+    from tapeout.backends.maskrom.rowchip import estimate_rowserial
+    from tapeout.backends.model_shape import shape_from_summary
+    man, prog, layers, plan, seq = cm.load_chip(chips[case])
+    shape = shape_from_summary(prog.summary, context=seq.context)
+    if case[0] == "gpt2":                        # learned positions: not visible in a summary
+        shape = dataclasses.replace(shape, positions=seq.seq_len)
+    est = estimate_rowserial(shape, "nvfp4", "n7", context=seq.context)
+    assert est["cycles_per_token"] == seq.cycles_at(seq.context - 1)
+
+
+def test_decode_exports_are_refused_with_the_reason(tiny, tmp_path):
+    from tapeout.backends.maskrom import sequencer
+    from tapeout.compiler.errors import TapeoutError
+    from tapeout.driver import load_program
+    out = tmp_path / "dec"
+    assert main(["compile", str(tiny.export("llama", "dynamo", 20, "decode")), "--target", "systolic",
+                 "--format", "int8", "-o", str(out)]) == 0
+    with pytest.raises(TapeoutError, match="prefill export"):
+        sequencer.analyse(load_program(out))
