@@ -537,6 +537,61 @@ def row_reference(img: RowImage, x, sh, emin) -> np.ndarray:
     return requantize(acc, mult, nshift, emin, bias)
 
 
+@dataclass
+class RowDense:
+    """A row-serial image as one dense matrix (for a fast model of many tokens): ``w[i, o]`` is
+    the weight's code value (slots added) times its unit's scale, both read from the image's
+    word lines; float64 holding exact integers. ``row_dense_apply`` equals ``row_reference``."""
+
+    w: np.ndarray
+    wmax: int
+    unit: int
+    acc_bits: int
+    mult: np.ndarray
+    nshift: np.ndarray
+    bias: np.ndarray | None
+
+
+def row_dense(img: RowImage) -> RowDense:
+    spec, fmt, f = img.spec, img.spec.fmt, img.fields
+    C, U, K, Q, S, P = spec.cols, spec.unit, img.chain_tiles, img.passes, img.slots, img.chains
+    if fmt.multiply:
+        w = _sext(f["code"], fmt.code_bits)
+    else:
+        w = np.array(fmt.values, np.int64)[f["code"]]
+    if fmt.slots:
+        sval = _sext(f["sval"], fmt.slot_bits).reshape(-1, fmt.slots)
+        scol = f["scol"].reshape(-1, fmt.slots)
+        w, lines = w.reshape(-1, C).copy(), np.arange(scol.shape[0])
+        for j in range(fmt.slots):
+            w[lines, scol[:, j]] += sval[:, j]
+    gs = f["m"] << f["e"] if fmt.m_bits else np.int64(1) << f["e"]
+    gs = np.repeat(gs, spec.scale_span // U, axis=-1).reshape(P, K, S, Q, spec.units)
+    W = w.reshape(P, K, S, Q, spec.units, U) * gs[..., None]
+    # output o = s * P + p; input i = (q * K + k) * C + unit * U + u
+    W = W.transpose(2, 0, 3, 1, 4, 5).reshape(S * P, Q * K * C)[:img.out_dim, :img.in_dim]
+    wmax = int(np.abs(W).max(initial=0))
+    return RowDense(np.ascontiguousarray(W.T, dtype=np.float64), wmax, U, spec.acc_bits,
+                    img.mult.T.reshape(-1)[:img.out_dim].copy(), img.nshift.T.reshape(-1)[:img.out_dim].copy(),
+                    None if img.bias is None else img.bias.T.reshape(-1)[:img.out_dim].copy())
+
+
+def row_dense_apply(d: RowDense, x, sh, emin) -> np.ndarray:
+    """y int64 [T, out] from MXINT ``x`` [T, in], unit shifts ``sh`` [T, in/unit], ``emin`` [T]."""
+    from .reference import requantize
+    x, sh = np.asarray(x, np.int64), np.asarray(sh, np.int64)
+    xs = x << np.repeat(sh, d.unit, axis=1)
+    xmax = int(np.abs(xs).max(initial=0))
+    if xmax * d.wmax * max(xs.shape[1], 1) < (1 << 53):       # every partial sum exact in float64
+        acc = np.matmul(xs.astype(np.float64), d.w).astype(np.int64)
+    else:
+        with np.errstate(over="ignore"):
+            acc = np.matmul(xs, d.w.astype(np.int64))           # exact modulo 2**64
+    half = 1 << (d.acc_bits - 1)
+    acc = (acc + half) % (1 << d.acc_bits) - half
+    return requantize(acc, d.mult, d.nshift, emin, d.bias)
+
+
 # --- RTL -------------------------------------------------------------------------------------
 class RowSerialTile(wiring.Component):
     """One row-serial tile: ``spec.word_lines`` word lines of ``spec.cols`` cells.

@@ -154,3 +154,31 @@ def test_decode_exports_are_refused_with_the_reason(tiny, tmp_path):
                  "--format", "int8", "-o", str(out)]) == 0
     with pytest.raises(TapeoutError, match="prefill export"):
         sequencer.analyse(load_program(out))
+
+
+def test_floorplan_is_to_scale_and_labelled(chips):
+    """layout/die.png|svg and the GDS cell DIE: the estimate's blocks, to scale, not overlapping."""
+    import gdstk
+    chip = chips[FAMILIES[0]]
+    fp = json.loads((chip / "report.json").read_text())["floorplan"]
+    blocks, side = fp["blocks"], fp["side_mm"]
+    assert sum(b["area_mm2"] for b in blocks) == pytest.approx(fp["area_mm2"], rel=1e-4)
+    assert side * side == pytest.approx(fp["area_mm2"], rel=1e-3)
+    names = [b["name"] for b in blocks]
+    assert {"L0", "L1", "lm_head", "KV cache SRAM", "activation SRAM", "vector units", "attention", "sequencer",
+            "embedding ROM", "I/O"} <= set(names)
+    core = [b for b in blocks if b["kind"] != "io"]
+    for b in blocks:                                  # drawn to scale: w x h is the block's area
+        assert b["w_mm"] * b["h_mm"] == pytest.approx(b["area_mm2"], rel=2e-3, abs=1e-6) or b["kind"] == "io"
+        assert -1e-6 <= b["x_mm"] and b["x_mm"] + b["w_mm"] <= side + 1e-3
+    for i, a in enumerate(core):                      # core blocks do not overlap
+        for b in core[i + 1:]:
+            ox = min(a["x_mm"] + a["w_mm"], b["x_mm"] + b["w_mm"]) - max(a["x_mm"], b["x_mm"])
+            oy = min(a["y_mm"] + a["h_mm"], b["y_mm"] + b["h_mm"]) - max(a["y_mm"], b["y_mm"])
+            assert ox <= 1e-3 or oy <= 1e-3, (a["name"], b["name"])
+    svg = (chip / "layout/die.svg").read_text()
+    assert "KV cache SRAM" in svg and "mm²" in svg
+    lib = gdstk.read_gds(str(chip / "layout/tiles.gds"))
+    die = next(c for c in lib.cells if c.name == "DIE")
+    assert len([p for p in die.polygons if p.layer == 10]) == len(blocks)
+    assert sorted(lb.text.rsplit(" ", 2)[0] for lb in die.labels) == sorted(names)

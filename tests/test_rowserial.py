@@ -8,8 +8,8 @@ import pytest
 
 from tapeout.compiler.golden import fixed as fx
 from tapeout.compiler.golden.model import IntLinear, linear_int
-from tapeout.hdl.rowserial import (FILL_CYCLES, ROW_FORMATS, RowSerialTile, RowSpec, row_image, row_reference,
-                                   simulate_row_linear, stage_cycles)
+from tapeout.hdl.rowserial import (FILL_CYCLES, ROW_FORMATS, RowSerialTile, RowSpec, row_dense, row_dense_apply,
+                                   row_image, row_reference, simulate_row_linear, stage_cycles)
 from tapeout.hdl.sim import verilator_available
 
 from test_hdl_tile import GOLDEN, random_linear, random_q16
@@ -55,6 +55,7 @@ def test_row_reference_equals_golden(fmt, group, out, inn, chains, chain_tiles):
     img = row_image(spec, chains=chains, chain_tiles=chain_tiles, **kw)
     want, (x, sh, emin) = run(L, kw, unit, rng, tokens=5)
     assert np.array_equal(row_reference(img, x, sh, emin), want)
+    assert np.array_equal(row_dense_apply(row_dense(img), x, sh, emin), want)     # the chip model's form
     assert img.lines == -(-out // chains) * -(-inn // (chain_tiles * 64))
 
 

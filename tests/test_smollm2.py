@@ -215,3 +215,31 @@ def test_smollm2_with_its_mask_whole_model_fabric_equals_golden():
     # the last position's greedy token equals the float model's
     ref = run(g, feeds)["logits"]
     assert int(np.argmax(gold[0, -1])) == int(np.argmax(ref[0, -1]))
+
+
+PROMPT_32 = ("The old lighthouse keeper climbed the stairs every evening to light the lamp. One stormy night, "
+             "he saw a small boat struggling against the waves near the rocks, and")
+
+
+def test_run_the_whole_chip_on_smollm2(tmp_path):
+    """`tapeout run` on the SmolLM2 w3o6 chip (export with its mask, 128 positions): a 32-token
+    prompt and 32 new tokens, the chip model's tokens equal golden's."""
+    import contextlib
+    import io
+    import json
+
+    from tapeout.cli import main
+    mod = load_models_module("smollm2")
+    out = tmp_path / "chip"
+    assert main(["compile", str(mod.export(seq_len=128, mask=True)), "--target", "maskrom", "--format", "w3o6",
+                 "--verify", "none", "-o", str(out)]) == 0
+    res = {}
+    for engine in ("chip", "golden"):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            assert main(["run", str(out), "--prompt", PROMPT_32, "--new-tokens", "32", "--engine", engine,
+                         "--json"]) == 0
+        res[engine] = json.loads(buf.getvalue())
+    assert len(res["chip"]["prompt"]) == 32 and len(res["chip"]["tokens"]) == 32
+    assert res["chip"]["tokens"] == res["golden"]["tokens"]
+    assert res["chip"]["cycles"] == res["golden"]["cycles"] and res["chip"]["text"] == res["golden"]["text"]

@@ -8,7 +8,8 @@ Two engines, one interface (``generate``):
   the next, so it shares nothing with the chip's token-by-token path.
 - ``chip``: the chip's cycle model. It runs the sequencer's token program one position at a
   time: the embedding row from the ROM table, every linear from its **row-serial word-line
-  image read back from the via layers** (``hdl.rowserial.row_reference``), the vector ops with
+  image read back from the via layers** (``hdl.rowserial.row_dense``: the image's code
+  values times their scales as one matrix, equal to ``row_reference`` and tested so), the vector ops with
   the vector unit's own kernels (``backends/vector.py``, written without golden), keys and
   values written into a KV cache of ``context`` positions and attended from it, the argmax of
   the head. Cycles come from the sequencer (the estimate's costs).
@@ -30,7 +31,7 @@ from tapeout.compiler.golden import fixed as fx
 from tapeout.compiler.golden.model import PLUMBING, Golden
 from tapeout.compiler.interp import run_op
 from tapeout.compiler.program import IntegerProgram
-from tapeout.hdl.rowserial import row_reference
+from tapeout.hdl.rowserial import row_dense, row_dense_apply
 
 from . import rowfabric, sequencer
 from .layers import ViaLayers, extract
@@ -150,7 +151,7 @@ class ChipModel:
         for op in prog.ops:
             if op.kind == "linear":
                 li = index[op.name]
-                self.images[op.name] = rowfabric.linear_image(layers, li, plan, extract(layers, li))
+                self.images[op.name] = row_dense(rowfabric.linear_image(layers, li, plan, extract(layers, li)))
         self.unit = layers.base.family.unit
         self.act_bits = layers.base.family.act_bits
         self.reset()
@@ -173,7 +174,7 @@ class ChipModel:
         if vu.block_width(i_dim) % self.unit:
             raise TapeoutError(f"the fabric unit {self.unit} does not divide the input blocks of {i_dim} features")
         elems, su, emin = vu.mx_rows(rows, self.unit, self.act_bits)
-        y = row_reference(img, elems, su - emin[:, None], emin)
+        y = row_dense_apply(img, elems, su - emin[:, None], emin)
         return y.reshape(out_shape)
 
     def step(self, token: int) -> tuple[np.ndarray, int]:

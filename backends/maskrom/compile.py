@@ -122,6 +122,45 @@ def chip_sequencer(program: IntegerProgram, plan: dict, context: int, out) -> di
     return {"generates": True, "clock_hz": CHIP_CLOCK_HZ, **sequencer.summary(seq, CHIP_CLOCK_HZ)}
 
 
+FLOORPLAN_TECH = "n5"      # the technology `tapeout estimate` assumes by default
+
+
+def die_floorplan(program: IntegerProgram, plan: dict, fmt: str, context: int) -> dict:
+    """The die's floorplan from the row-serial estimate of this chip (docs/layout.md, "Floorplan")."""
+    import gdstk
+    from tapeout.backends.model_shape import shape_from_summary
+    from . import floorplan
+    from .rowchip import estimate_rowserial
+    shape = shape_from_summary(program.summary, context=context)
+    tables = sequencer_tables(program)
+    if tables.get("learned_positions"):
+        import dataclasses
+        shape = dataclasses.replace(shape, positions=tables["learned_positions"])
+    est = estimate_rowserial(shape, fmt, FLOORPLAN_TECH, context=context)
+    group_tiles: dict[str, int] = {}
+    for g in dict.fromkeys(plan["group_of"]):
+        group_tiles[g] = plan["chains"][g] * plan["chain_tiles"]
+    side, blocks = floorplan.place(floorplan.blocks_of(est, group_tiles))
+    name = str(program.summary.get("model") or program.graph.name).removesuffix(".onnx")
+    title = (f"{name}: {est['area_mm2']:.3g} mm² at {FLOORPLAN_TECH.upper()} ({fmt}, context {context}), "
+             f"die {side:.2f} x {side:.2f} mm\nevery block to scale from the estimate's areas (not a placed design)")
+    return {"png": floorplan.render(blocks, side, title, "png"), "svg": floorplan.render(blocks, side, title, "svg"),
+            "cell": floorplan.gds_cell(blocks, gdstk),
+            "report": {"tech": FLOORPLAN_TECH, "side_mm": round(side, 4), "area_mm2": round(est["area_mm2"], 6),
+                       "blocks": floorplan.table(blocks)}}
+
+
+def sequencer_tables(program: IntegerProgram) -> dict:
+    """Learned position embeddings among the position tables (they change the estimate's head)."""
+    try:
+        axis, tables, S = sequencer.analyse(program)
+    except sequencer.ChipLoweringError:
+        return {}
+    rope_tables = {t for op in program.ops if op.kind == "rope" for t in op.inputs[1:3]}
+    learned = [t for t in tables if t not in rope_tables]
+    return {"learned_positions": S if learned else 0}
+
+
 def check_gds_tiles(base: BaseDie, tiles: list[int] | None) -> None:
     if tiles is not None and max(tiles) >= base.tiles:
         raise TapeoutError(f"--gds-tiles: tile {max(tiles)} does not exist; base {base.name} has {base.tiles} tiles")
@@ -178,8 +217,11 @@ def compile_maskrom(program: IntegerProgram, out, *, base_name: str | None = Non
     used = layers.index()["tiles_used"]
     tiles = list(range(used)) if gds_tiles is None else gds_tiles
     with step(f"GDS of {len(tiles)} tile(s) and PNG renderings"):
-        vias_drawn = write_gds(layers, tiles, out.path("layout/tiles.gds"))
-        out.write_bytes("layout/die.png", die_png(layers))
+        fp = die_floorplan(program, plan, fmt, chip.get("context", context))
+        vias_drawn = write_gds(layers, tiles, out.path("layout/tiles.gds"), extra=[fp["cell"]])
+        out.write_bytes("layout/die.png", fp["png"])
+        out.write_bytes("layout/die.svg", fp["svg"])
+        out.write_bytes("layout/tiles.png", die_png(layers))
         out.write_bytes(f"layout/tile{tiles[0]}.png", tile_png(layers, tiles[0]))
     report = {
         "target": "maskrom", "format": fmt, "base": base.name, "base_sha256": base.sha256,
@@ -189,7 +231,7 @@ def compile_maskrom(program: IntegerProgram, out, *, base_name: str | None = Non
         "fabric_vs_golden": {"mode": verify, "equal": bool(outputs_equal), "values_checked": checked},
         "rowserial": {**rowfabric.describe(plan), "values_checked": rows["values_checked"], "equal": rows["equal"],
                       "linear_cycles": rowfabric.linear_cycles(layers, plan)},
-        "chip": chip,
+        "chip": chip, "floorplan": fp["report"],
         "sim_stimulus_values": stimulus, "gds_tiles": tiles, "gds_vias_drawn": vias_drawn, "sram_bytes_needed": sram, "context": context,
     }
     if not outputs_equal:

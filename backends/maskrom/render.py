@@ -9,6 +9,7 @@ GDS layers (schematic geometry in micrometres, not a foundry PDK):
 | 3/0            | ROWLINE   | row (sum) lines, one horizontal wire per row (base die) |
 | 101/0          | V_CODE    | coarse vias: cell (r, c) to coarse product line k of column c (per model) |
 | 102/0          | V_FINE    | fine vias (per model) |
+| 10/0           | BLOCK     | floorplan block boundaries (cell DIE, millimetre blocks in micrometres) |
 | 63/0           | TEXT      | labels |
 """
 from __future__ import annotations
@@ -80,8 +81,9 @@ def placement_of(layers: ViaLayers, tile: int) -> tuple[str, str, str] | None:
     return None
 
 
-def write_gds(layers: ViaLayers, tiles: list[int], path) -> int:
-    """GDSII with one cell per chosen tile, placed side by side under a TOP cell; returns vias drawn."""
+def write_gds(layers: ViaLayers, tiles: list[int], path, extra=()) -> int:
+    """GDSII with one cell per chosen tile, placed side by side under a TOP cell, and the
+    ``extra`` cells (the floorplan's ``DIE``) as further top cells; returns vias drawn."""
     import gdstk
     lib = gdstk.Library(name="TAPEOUT", unit=1e-6, precision=1e-9)
     top = gdstk.Cell("TOP")
@@ -95,6 +97,8 @@ def write_gds(layers: ViaLayers, tiles: list[int], path) -> int:
         bb = cell.bounding_box()
         x += (bb[1][0] - bb[0][0]) + 5.0
     lib.add(top)
+    for cell in extra:
+        lib.add(cell)
     lib.write_gds(str(path), timestamp=_EPOCH)
     return vias
 

@@ -43,6 +43,7 @@ STAGE_OF = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "qkv_proj": "qkv"
 LAYER_STAGES = ("qkv", "o", "mlp_in", "mlp_out")
 LAYER_GROUP = re.compile(r"^(L|layers\.)\d+$")     # a decoder/encoder layer's linears
 T_WORDLINE = 12       # decoder gate + driver per word line
+SEQ_WORD_BITS = 64    # one sequencer instruction: unit, operands' SRAM addresses, widths, cycle count
 T_SENSE = 12          # precharge + single-ended sense per bit line
 ROUTING = 0.10        # wiring overhead on logic area (assumption)
 
@@ -212,9 +213,15 @@ def estimate_rowserial(shape: ModelShape, fmt: str, tech="n7", *, context: int |
              counts={"groups": len(plan)})
     memo = add_shared_parts(chip, shape, fmt, fc, v, E, ctx=ctx, outlier_frac=outlier_frac,
                             positions_per_cycle=a["attn_positions_per_cycle"], engines=1, lanes=a["vector_lanes"])
+    # the sequencer: one instruction word per op of the token program (docs/chip.md), a program
+    # counter, the position counter, the KV-cache address and a cycle counter per instruction
+    instrs = shape.layers * (len(LAYER_STAGES) + 7) + 5
+    seq_t = 4 * t_reg(32) + 2 * t_adder(32)
+    chip.add("sequencer", logic_t=seq_t, rom_bits=instrs * SEQ_WORD_BITS, cell_t=instrs * SEQ_WORD_BITS,
+             energy=instrs * E.flop(32), counts={"instructions": instrs, "word_bits": SEQ_WORD_BITS})
     logic_mm2 = sum(c["area_mm2"] for n, c in chip.parts.items() if n in ("rom_periphery", "tile_datapaths",
                                                                           "chains", "x_registers", "attention",
-                                                                          "vector_units"))
+                                                                          "vector_units", "sequencer"))
     chip.add("routing", extra_area_mm2=ROUTING * logic_mm2, counts={"fraction_of_logic": ROUTING})
 
     # ---- cycles: one token, layer after layer
