@@ -360,7 +360,7 @@ def run_rows(component, inputs: dict[str, np.ndarray], *, engine: str, stats: di
     ins, outs = _ports(component)
     rows = len(next(iter(inputs.values())))
     stim = _stimulus(ins, inputs, rows)
-    latency = type(component).LATENCY
+    latency = component.LATENCY         # a class constant, or set per instance (hdl.vector)
     if engine == "amaranth":
         return _run_amaranth(component, ins, outs, stim, latency, stats)
     return _run_verilator(component, ins, outs, stim, latency, stats, expected, name)

@@ -103,7 +103,7 @@ def _check_args(n, act_bits, w_bits, acc_bits) -> tuple[int, int, int, int]:
 
 @cache
 def _sized(cls: type, n: int) -> type:
-    """``cls`` with ``LATENCY`` for size ``n`` (``run_rows`` reads ``type(component).LATENCY``)."""
+    """``cls`` with ``LATENCY`` for size ``n`` (``run_rows`` reads ``component.LATENCY``)."""
     latency = systolic_latency(n)
     return type(f"{cls.__name__}{n}", (cls,), {
         "LATENCY": latency, "__module__": cls.__module__,

@@ -1,0 +1,126 @@
+"""The chip's integer vector units in Amaranth (hdl/vector.py) against golden's arithmetic
+(compiler/golden/fixed.py), value for value, on the fixed-point corner cases and random
+operands; the count of values checked is asserted."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tapeout.compiler.golden import fixed as fx
+from tapeout.compiler.golden.model import softmax_q15  # noqa: F401 - the kernel the exp unit serves
+from tapeout.hdl import vector as hv
+from tapeout.hdl.sim import run_rows
+
+I32 = (fx.INT32_MIN, fx.INT32_MAX)
+
+
+def drive(unit, **inputs):
+    out, cycles = run_rows(unit, inputs, engine="amaranth", stats={}, name="unit")
+    rows = len(next(iter(inputs.values())))
+    assert out.shape[0] == rows and cycles == rows + unit.LATENCY
+    return out
+
+
+def q16_cases(rng, n, extra=()):
+    base = [0, 1, -1, fx.INT32_MAX, fx.INT32_MIN, fx.ONE, -fx.ONE, (1 << 15), -(1 << 15), 127, -128, 255, -256,
+            *extra]
+    rand = np.concatenate([rng.integers(-(1 << 31), 1 << 31, n // 2),
+                           rng.integers(-(1 << 20), 1 << 20, n // 4),
+                           rng.integers(-300, 300, n - n // 2 - n // 4)])
+    return np.concatenate([np.array(base, np.int64), rand])
+
+
+def test_residual_add_saturates_like_golden():
+    rng = np.random.default_rng(0)
+    a = q16_cases(rng, 200)
+    b = np.concatenate([a[::-1][:len(a) // 2], rng.integers(-(1 << 31), 1 << 31, len(a) - len(a) // 2)])
+    lanes = 4
+    A, B = a[: len(a) // lanes * lanes].reshape(-1, lanes), b[: len(a) // lanes * lanes].reshape(-1, lanes)
+    got = drive(hv.ResidualAdd(lanes), a=A, b=B)
+    want = fx.saturate32(A + B)
+    assert np.array_equal(got, want) and got.size == A.size
+    assert (want == fx.INT32_MAX).any() and (want == fx.INT32_MIN).any()        # saturation exercised
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_mx_quantiser_equals_golden(bits):
+    rng = np.random.default_rng(bits)
+    B = 32
+    blocks = [np.zeros(B, np.int64), np.full(B, fx.INT32_MIN), np.full(B, fx.INT32_MAX),
+              np.full(B, 7 << 16), np.arange(B) - 16]
+    blk = np.zeros(B, np.int64)
+    blk[3] = (1 << (bits - 1)) - 1 << 5 | 1 << 4            # rounding carries past qmax: one more shift
+    blocks.append(blk)
+    for scale in (1, 1 << 8, 1 << 16, 1 << 24, 1 << 30):
+        for _ in range(6):
+            blocks.append(rng.integers(-scale, scale, B))
+    X = np.stack(blocks)
+    out = drive(hv.MxQuant(B, bits), x=X)
+    elems, shift = fx.mx_quantize(X, bits, B)
+    assert np.array_equal(out[:, :B], elems) and np.array_equal(out[:, B], shift[:, 0])
+    assert out.size == X.shape[0] * (B + 1)
+
+
+def test_rope_lane_equals_golden():
+    rng = np.random.default_rng(2)
+    n, lanes = 96, 4
+    x = q16_cases(rng, n)[: n]
+    partner = rng.permutation(x)
+    r = np.concatenate([-partner[: n // 2], partner[n // 2:]])                # -x[j+h] or x[j-h]
+    ang = rng.uniform(-np.pi, np.pi, n)
+    c, s = fx.to_fixed(np.cos(ang)), fx.to_fixed(np.sin(ang))
+    c[:4], s[:4] = fx.ONE, 0                                                   # position 0
+    c[4:8], s[4:8] = -fx.ONE, fx.ONE                                           # the largest table values
+    sh = lambda v: v.reshape(-1, lanes)                                        # noqa: E731
+    got = drive(hv.RopeLane(lanes), x=sh(x), r=sh(r), c=sh(c), s=sh(s))
+    want = fx.saturate32(fx.rshift_round(x * c + r * s, fx.Q))
+    assert np.array_equal(got.reshape(-1), want) and got.size == n
+
+
+def test_exp_unit_equals_golden():
+    rng = np.random.default_rng(3)
+    d = np.concatenate([[0, -1, -2, -(1 << 15), -fx.ONE, -64 * fx.ONE, -64 * fx.ONE - 1, fx.INT32_MIN,
+                         -43 * fx.ONE, -42 * fx.ONE - 12345],
+                        -rng.integers(0, 1 << 16, 60), -rng.integers(0, 40 << 16, 60),
+                        -rng.integers(0, 1 << 31, 30)]).astype(np.int64)
+    got = drive(hv.ExpNeg(2), d=d.reshape(-1, 2)).reshape(-1)
+    want = fx.exp_neg_q30(d)
+    assert np.array_equal(got, want) and got.size == d.size
+    assert want[0] == hv.EXP2_POLY[-1] and (want == 0).any()     # exp(0): the polynomial at 0; underflow to 0
+
+
+def test_divider_equals_golden_div_round():
+    rng = np.random.default_rng(4)
+    # the norm's division: (x << 24) / r with |x| < 2**15 and 1 <= r < 2**24
+    a = np.concatenate([[0, 1, -1, (1 << 39) - 1, -(1 << 39), 5, -5, 6, -6],
+                        rng.integers(-(1 << 39), 1 << 39, 80)]).astype(np.int64)
+    b = np.concatenate([[1, 1, 1, 1, 1, 2, 2, 4, 4], rng.integers(1, 1 << 24, 40),
+                        rng.integers(1, 64, 40)]).astype(np.int64)
+    unit = hv.DivRound(40, 24, 40)
+    got = drive(unit, a=a, b=b).reshape(-1)
+    want = fx.div_round(a, b)
+    assert np.array_equal(got, want) and got.size == a.size
+
+
+def test_isqrt_equals_golden():
+    rng = np.random.default_rng(5)
+    k = rng.integers(0, 1 << 31, 40)
+    v = np.concatenate([[0, 1, 2, 3, 4, 15, 16, 17, (1 << 62) - 1, (1 << 61)], k * k, k * k - 1, k * k + 2 * k,
+                        rng.integers(0, 1 << 62, 40)]).astype(np.int64)
+    v = np.clip(v, 0, (1 << 62) - 1)
+    got = drive(hv.ISqrt(62), v=v).reshape(-1)
+    assert np.array_equal(got, fx.isqrt(v)) and got.size == v.size
+
+
+def test_argmax_ties_go_to_the_lowest_index():
+    rng = np.random.default_rng(6)
+    n = 12
+    X = [np.zeros(n, np.int64), np.full(n, fx.INT32_MIN), np.full(n, fx.INT32_MAX)]
+    tie = rng.integers(-100, 100, n)
+    tie[[3, 7, 9]] = 500
+    X.append(tie)
+    X += [rng.integers(-(1 << 31), 1 << 31, n) for _ in range(20)]
+    X = np.stack(X)
+    got = drive(hv.ArgmaxTree(n), x=X)
+    assert np.array_equal(got[:, 0], np.argmax(X, axis=1)) and np.array_equal(got[:, 1], X.max(axis=1))
+    assert got[3, 0] == 3 and got[0, 0] == 0
