@@ -319,3 +319,325 @@ class ArgmaxTree(_Pipe):
         m.d.sync += [self.value.eq(level[0][0]), self.index.eq(level[0][1])]
         self._valid_chain(m, 1)
         return m
+
+
+def delay(m: Module, sig, n: int, name: str):
+    """``sig`` delayed by ``n`` clock edges (a shift register)."""
+    for i in range(n):
+        nxt = Signal(sig.shape(), name=f"{name}_d{i + 1}")
+        m.d.sync += nxt.eq(sig)
+        sig = nxt
+    return sig
+
+
+GELU_C1 = 48028112           # round(0.044715 * 2**30)   (docs/golden.md)
+GELU_C2 = 1713444339         # round(2 * sqrt(2 / pi) * 2**30)
+
+
+class Activation(_Pipe):
+    """SiLU or GELU of Q16 ``x``, optionally gated (``gated_mlp``: ``sat(round(act(x) * up / 2**16))``).
+
+    The sigmoid is ``fixed.sigmoid_q30``: ``e = exp(-|z|)`` from an ``ExpNeg``, then
+    ``round(2**60 / (2**30 + e))`` for ``z >= 0`` or ``round(e * 2**30 / (2**30 + e))`` below, by
+    one ``DivRound``. SiLU: ``z = x``; GELU (tanh form): ``z = round(C2 * (xc + round(C1 * xc**3)))``
+    with ``xc`` = x clipped to +-16, in four stages ahead. Then ``round(x * sigmoid / 2**30)``.
+    """
+
+    def __init__(self, kind: str = "silu", gated: bool = False):
+        if kind not in ("silu", "gelu"):
+            raise ValueError(f"activation must be silu or gelu, not {kind!r}")
+        self.kind, self.gated = kind, gated
+        self._pre = 4 if kind == "gelu" else 0
+        self._div = DivRound(62, 32, 31)
+        self.LATENCY = self._pre + ExpNeg.LATENCY + self._div.LATENCY + 2
+        ports = {"valid": In(1), "x": In(signed(32))}
+        if gated:
+            ports["up"] = In(signed(32))
+        ports.update(ready=Out(1), y=Out(signed(32)))
+        super().__init__(ports)
+
+    def elaborate(self, platform):
+        m = Module()
+        x = self.x
+        if self.kind == "gelu":
+            lim = 16 << Q16
+            xc = Mux(x > lim, lim, Mux(x < -lim, -lim, x))
+            xc1, x2 = Signal(signed(32)), Signal(signed(48))
+            m.d.sync += [xc1.eq(xc), x2.eq(round_shift(xc * xc, Q16))]
+            xc2, x3 = Signal(signed(32)), Signal(signed(48))
+            m.d.sync += [xc2.eq(xc1), x3.eq(round_shift(x2 * xc1, Q16))]
+            t = Signal(signed(48))
+            m.d.sync += t.eq(xc2 + round_shift(x3 * GELU_C1, Q30))
+            z = Signal(signed(48))
+            m.d.sync += z.eq(round_shift(t * GELU_C2, Q30))
+        else:
+            z = x
+        zc = Mux(z > INT32_MAX, INT32_MAX, Mux(z < INT32_MIN, INT32_MIN, z))   # |z| < 2**31 by range
+        m.submodules.exp = exp = ExpNeg(1)
+        negabs = Signal(signed(33))
+        m.d.comb += negabs.eq(Mux(zc < 0, zc, -zc))
+        m.d.comb += [exp.valid.eq(delay(m, self.valid, self._pre, "v_pre")), exp.d[0].eq(negabs)]
+        zpos = Signal()
+        m.d.comb += zpos.eq(zc >= 0)
+        pos = delay(m, zpos, ExpNeg.LATENCY, "zpos")
+        e = exp.e[0]
+        m.submodules.div = div = self._div
+        m.d.comb += [div.valid.eq(exp.ready),
+                     div.a.eq(Mux(pos, Const(1 << 60, 62), e << Q30)), div.b.eq((1 << Q30) + e)]
+        lag = self._pre + ExpNeg.LATENCY + div.LATENCY
+        xd = delay(m, self.x, lag, "x")
+        sig = div.q
+        act = Signal(signed(64))
+        m.d.sync += act.eq(round_shift(xd * sig, Q30))
+        if self.gated:
+            upd = delay(m, self.up, lag + 1, "up")
+            m.d.sync += self.y.eq(sat32(round_shift(act * upd, Q16)))
+        else:
+            m.d.sync += self.y.eq(sat32(act))
+        self._valid_chain(m, self.LATENCY)
+        return m
+
+
+class NormUnit(_Pipe):
+    """RMSNorm or LayerNorm of one vector of ``d`` Q16 values, with the op's gains (and bias)
+    and its eps folded in as ROM constants (``golden.model.k_rmsnorm`` / ``k_layernorm``).
+
+    The values stream in one per cycle (``valid``) into the unit's buffer. The unit then makes
+    its passes over them:
+    - (LayerNorm only) the sum, then the mean ``round(sum / d)`` by a ``DivRound``;
+    - the largest ``|x - mean|`` and the shift ``k`` that brings it under 2**15;
+    - ``xs = round((x - mean) / 2**k)`` and the sum of squares;
+    - ``ms = round(sumsq / d)``, ``r = max(isqrt((ms + eps_k) << 16), 1)``, where ``eps_k`` is
+      a 48-entry ROM of eps in the scale of each ``k``.
+
+    The outputs then stream out one per cycle (``ready``):
+    ``sat(round(round((xs << 24) / r) * g / 2**16) [+ b])``. ``LATENCY`` is the cycles from the
+    first value in to the first value out. The unit takes one vector at a time."""
+
+    def __init__(self, d: int, gain, bias=None, *, eps: float, kind: str = "rmsnorm"):
+        import numpy as np
+        if kind not in ("rmsnorm", "layernorm"):
+            raise ValueError(f"norm must be rmsnorm or layernorm, not {kind!r}")
+        self.d, self.kind = d, kind
+        self.gain = [int(v) for v in np.asarray(gain, np.int64).reshape(-1)]
+        self.bias = None if bias is None else [int(v) for v in np.asarray(bias, np.int64).reshape(-1)]
+        g0 = int(round(eps * 2.0 ** 60))
+        self.eps_k = [((g0 + (1 << (27 + 2 * k))) >> (28 + 2 * k)) for k in range(48)]   # rshift_round
+        self._mean = DivRound(44, 12, 33)
+        self._ms = DivRound(44, 12, 33)
+        self._sqrt = ISqrt(50)
+        self._div = DivRound(41, 26, 41)
+        lat_mean = 1 + self._mean.LATENCY if kind == "layernorm" else 0
+        # load d, (mean), max pass d, shift, squares pass d + 1, ms, sqrt, then the division pipeline
+        self.LATENCY = (d + lat_mean + d + 1 + d + 1 + self._ms.LATENCY + 1 + self._sqrt.LATENCY + 1
+                        + 1 + self._div.LATENCY + 1)
+        super().__init__({"valid": In(1), "x": In(signed(32)), "ready": Out(1), "y": Out(signed(32))})
+
+    def elaborate(self, platform):
+        from amaranth.hdl import Array
+        m = Module()
+        d = self.d
+        buf = Array(Signal(signed(34), name=f"buf{i}") for i in range(d))
+        gain = Array(Const(g, signed(33)) for g in self.gain)
+        bias = Array(Const(b, signed(33)) for b in self.bias) if self.bias else None
+        eps = Array(Const(e, unsigned(61)) for e in self.eps_k)
+        i = Signal(range(d + 1))
+        acc = Signal(signed(48))
+        amax = Signal(unsigned(34))
+        k = Signal(unsigned(6))
+        sumsq = Signal(unsigned(44))
+        r = Signal(unsigned(25))
+        m.submodules.mean = mean = self._mean
+        m.submodules.ms = msd = self._ms
+        m.submodules.sqrt = sq = self._sqrt
+        m.submodules.div = div = self._div
+        m.d.comb += [mean.valid.eq(0), msd.valid.eq(0), sq.valid.eq(0), div.valid.eq(0), self.ready.eq(0)]
+        out_i = Signal(range(d + 1))
+        with m.FSM():
+            with m.State("LOAD"):
+                with m.If(self.valid):
+                    m.d.sync += [buf[i].eq(self.x), i.eq(i + 1), acc.eq(acc + self.x)]
+                    with m.If(i == d - 1):
+                        m.d.sync += i.eq(0)
+                        m.next = "MEAN" if self.kind == "layernorm" else "MAX"
+            if self.kind == "layernorm":
+                with m.State("MEAN"):
+                    m.d.comb += [mean.valid.eq(i == 0), mean.a.eq(acc), mean.b.eq(d)]
+                    m.d.sync += i.eq(1)
+                    with m.If(mean.ready):
+                        m.d.sync += [i.eq(0), acc.eq(mean.q)]
+                        m.next = "MAX"
+            with m.State("MAX"):                       # centre (LayerNorm), largest magnitude
+                c = Signal(signed(35))
+                m.d.comb += c.eq(buf[i] - (acc if self.kind == "layernorm" else 0))
+                m.d.sync += [buf[i].eq(c), i.eq(i + 1),
+                             amax.eq(Mux((Mux(c < 0, -c, c)) > amax, Mux(c < 0, -c, c), amax))]
+                with m.If(i == d - 1):
+                    m.d.sync += i.eq(0)
+                    m.next = "SHIFT"
+            with m.State("SHIFT"):
+                nb = bit_length(m, amax, 34, "norm_amax_bits")
+                m.d.sync += k.eq(Mux(nb > 15, nb - 15, 0))
+                m.next = "SQUARES"
+            with m.State("SQUARES"):
+                xs = Signal(signed(34))
+                m.d.comb += xs.eq((buf[i] + half_of(k, 34)) >> k)
+                m.d.sync += [buf[i].eq(xs), sumsq.eq(sumsq + xs * xs), i.eq(i + 1)]
+                with m.If(i == d - 1):
+                    m.d.sync += i.eq(0)
+                    m.next = "MS"
+            with m.State("MS"):
+                m.d.comb += [msd.valid.eq(i == 0), msd.a.eq(sumsq), msd.b.eq(d)]
+                m.d.sync += i.eq(1)
+                with m.If(msd.ready):
+                    m.d.sync += [i.eq(0), sumsq.eq(msd.q)]
+                    m.next = "SQRT"
+            with m.State("SQRT"):
+                m.d.comb += [sq.valid.eq(i == 0), sq.v.eq((sumsq + eps[k]) << 16)]
+                m.d.sync += i.eq(1)
+                with m.If(sq.ready):
+                    m.d.sync += [i.eq(0), r.eq(Mux(sq.r == 0, 1, sq.r))]
+                    m.next = "DIVIDE"
+            with m.State("DIVIDE"):                   # the division pipeline, one value per cycle
+                m.d.comb += [div.valid.eq(i < d), div.a.eq(buf[i] << 24), div.b.eq(r)]
+                m.d.sync += i.eq(Mux(i < d, i + 1, i))
+                with m.If(div.ready):
+                    prod = Signal(signed(80))
+                    m.d.comb += prod.eq(div.q * gain[out_i])
+                    y = round_shift(prod, Q16) + (bias[out_i] if bias is not None else 0)
+                    m.d.sync += [self.y.eq(sat32(y)), out_i.eq(out_i + 1)]
+                with m.If(out_i == d):
+                    m.d.sync += [i.eq(0), out_i.eq(0), acc.eq(0), amax.eq(0), sumsq.eq(0)]
+                    m.next = "LOAD"
+        # ready: one cycle after the division's output is registered
+        rdy = Signal()
+        m.d.sync += rdy.eq(div.ready)
+        m.d.comb += self.ready.eq(rdy)
+        return m
+
+
+class AttentionUnit(wiring.Component):
+    """One query head over ``T`` cached positions (``golden.model.k_attention`` for one row).
+
+    The KV cache holds keys and values MXINT-quantised per position (elements and one shift per
+    block of ``block``), as ``MxQuant`` writes them. A load phase streams position ``t``'s
+    ``ke``/``ks``/``ve``/``vs`` (``valid``; ``last`` on the final position) with the query's
+    ``qe``/``qs`` held on the ports. The unit then:
+    - scores every position, one per cycle: each block's dot product
+      ``sum(qe * ke) << (qs + ks - emin)`` with ``emin`` the least of the position's block
+      shifts, then ``z = round(acc * M / 2**(n - emin + 16))`` with the scale's multiplier
+      ``M * 2**-n``; the running maximum is kept;
+    - exponentiates ``z - max`` through an ``ExpNeg`` pipeline and sums the results;
+    - divides each by the sum (``DivRound``, ``p = round(e * 2**15 / total)``) and accumulates
+      ``p * (ve << (vs - vmin))`` per output lane, with ``vmin`` the least value shift of each
+      block over the positions;
+    - rounds ``round(acc / 2**(15 - vmin))`` and saturates.
+    ``ready`` is high for one cycle with ``out``. Every position is attended: the chip runs
+    causal and key-masked attention over the positions ``0..t`` it has cached."""
+
+    def __init__(self, d: int, max_t: int, scale_m: int, scale_n: int, *, block: int = 32, bits: int = 8):
+        self.d, self.max_t, self.bits = d, max_t, bits
+        self.block = block if d % block == 0 else (d if d < block else __import__("math").gcd(d, block))
+        self.nb = d // self.block
+        self.scale_m, self.scale_n = int(scale_m), int(scale_n)
+        super().__init__({
+            "valid": In(1), "last": In(1),
+            "qe": In(signed(bits)).array(d), "qs": In(unsigned(6)).array(self.nb),
+            "ke": In(signed(bits)).array(d), "ks": In(unsigned(6)).array(self.nb),
+            "ve": In(signed(bits)).array(d), "vs": In(unsigned(6)).array(self.nb),
+            "ready": Out(1), "out": Out(signed(32)).array(d)})
+
+    def elaborate(self, platform):
+        from amaranth.hdl import Array
+        m = Module()
+        D, T, B, nb, bits = self.d, self.max_t, self.block, self.nb, self.bits
+        ke = [Array(Signal(signed(bits), name=f"ke{t}_{i}") for i in range(D)) for t in range(T)]
+        ve = [Array(Signal(signed(bits), name=f"ve{t}_{i}") for i in range(D)) for t in range(T)]
+        ks = [Array(Signal(unsigned(6), name=f"ks{t}_{j}") for j in range(nb)) for t in range(T)]
+        vs = [Array(Signal(unsigned(6), name=f"vs{t}_{j}") for j in range(nb)) for t in range(T)]
+        KE, VE, KS, VS = Array(ke), Array(ve), Array(ks), Array(vs)
+        z = Array(Signal(signed(48), name=f"z{t}") for t in range(T))
+        e = Array(Signal(unsigned(31), name=f"e{t}") for t in range(T))
+        n = Signal(range(T + 1))            # positions loaded
+        i = Signal(range(T + 2))
+        o = Signal(range(T + 2))
+        zmax = Signal(signed(48))
+        total = Signal(unsigned(40))
+        vmin = Array(Signal(unsigned(6), name=f"vmin{j}") for j in range(nb))
+        acc = [Signal(signed(64), name=f"pv{k}") for k in range(D)]
+        m.submodules.exp = exp = ExpNeg(1)
+        m.submodules.div = div = DivRound(48, 40, 17)
+        m.d.comb += [exp.valid.eq(0), div.valid.eq(0), self.ready.eq(0)]
+        with m.FSM():
+            with m.State("LOAD"):
+                with m.If(self.valid):
+                    for k in range(D):
+                        m.d.sync += [KE[n][k].eq(self.ke[k]), VE[n][k].eq(self.ve[k])]
+                    for j in range(nb):
+                        m.d.sync += [KS[n][j].eq(self.ks[j]), VS[n][j].eq(self.vs[j]),
+                                     vmin[j].eq(Mux((n == 0) | (self.vs[j] < vmin[j]), self.vs[j], vmin[j]))]
+                    m.d.sync += n.eq(n + 1)
+                    with m.If(self.last):
+                        m.d.sync += i.eq(0)
+                        m.next = "SCORE"
+            with m.State("SCORE"):                       # one position per cycle
+                exps = [Signal(unsigned(7), name=f"sx{j}") for j in range(nb)]
+                for j in range(nb):
+                    m.d.comb += exps[j].eq(self.qs[j] + KS[i][j])
+                emin = exps[0]
+                for j in range(1, nb):
+                    nm = Signal(unsigned(7), name=f"emin{j}")
+                    m.d.comb += nm.eq(Mux(exps[j] < emin, exps[j], emin))
+                    emin = nm
+                s = Signal(signed(48))
+                terms = []
+                for j in range(nb):
+                    part = sum(self.qe[j * B + k] * KE[i][j * B + k] for k in range(B))
+                    terms.append(part << (exps[j] - emin)[:6])
+                m.d.comb += s.eq(sum(terms))
+                amt = Signal(signed(10))
+                m.d.comb += amt.eq(self.scale_n - emin + Q16)
+                prod = Signal(signed(64))
+                m.d.comb += prod.eq(s * self.scale_m)
+                zz = Signal(signed(48))
+                m.d.comb += zz.eq(Mux(amt > 0, (prod + half_of(amt[:7], 64)) >> amt[:7], prod << (-amt)[:7]))
+                m.d.sync += [z[i].eq(zz), zmax.eq(Mux((i == 0) | (zz > zmax), zz, zmax)), i.eq(i + 1)]
+                with m.If(i == n - 1):
+                    m.d.sync += [i.eq(0), o.eq(0), total.eq(0)]
+                    m.next = "EXP"
+            with m.State("EXP"):                         # e_t = exp(z_t - max), pipelined
+                diff = Signal(signed(49))
+                m.d.comb += diff.eq(z[i] - zmax)
+                lo = -64 * (1 << Q16)                     # exp of anything below is 0 in Q30 anyway
+                m.d.comb += [exp.valid.eq(i < n), exp.d[0].eq(Mux(diff < lo, lo, diff))]
+                m.d.sync += i.eq(Mux(i < n, i + 1, i))
+                with m.If(exp.ready):
+                    m.d.sync += [e[o].eq(exp.e[0]), total.eq(total + exp.e[0]), o.eq(o + 1)]
+                    with m.If(o == n - 1):
+                        m.d.sync += [i.eq(0), o.eq(0)]
+                        for k in range(D):
+                            m.d.sync += acc[k].eq(0)
+                        m.next = "PV"
+            with m.State("PV"):                          # p_t = round(e_t * 2**15 / total); acc += p v
+                m.d.comb += [div.valid.eq(i < n), div.a.eq(e[i] << 15), div.b.eq(total)]
+                m.d.sync += i.eq(Mux(i < n, i + 1, i))
+                with m.If(div.ready):
+                    for k in range(D):
+                        j = k // B
+                        m.d.sync += acc[k].eq(acc[k] + div.q * (VE[o][k] << (VS[o][j] - vmin[j])[:6]))
+                    m.d.sync += o.eq(o + 1)
+                    with m.If(o == n - 1):
+                        m.next = "OUT"
+            with m.State("OUT"):
+                for k in range(D):
+                    j = k // B
+                    amt = Signal(signed(8), name=f"oamt{k}")
+                    m.d.comb += amt.eq(15 - vmin[j])
+                    r = Mux(amt > 0, (acc[k] + half_of(amt[:6], 64)) >> amt[:6], acc[k] << (-amt)[:6])
+                    m.d.sync += self.out[k].eq(sat32(r))
+                m.d.sync += [n.eq(0), i.eq(0), o.eq(0)]
+                m.next = "DONE"
+            with m.State("DONE"):
+                m.d.comb += self.ready.eq(1)
+                m.next = "LOAD"
+        return m

@@ -124,3 +124,99 @@ def test_argmax_ties_go_to_the_lowest_index():
     got = drive(hv.ArgmaxTree(n), x=X)
     assert np.array_equal(got[:, 0], np.argmax(X, axis=1)) and np.array_equal(got[:, 1], X.max(axis=1))
     assert got[3, 0] == 3 and got[0, 0] == 0
+
+
+@pytest.mark.parametrize("kind, gated", [("silu", False), ("silu", True), ("gelu", False), ("gelu", True)])
+def test_activation_units_equal_golden(kind, gated):
+    from tapeout.compiler.golden.model import ACTS
+    rng = np.random.default_rng(7)
+    x = np.concatenate([q16_cases(rng, 60, extra=(16 << 16, -(16 << 16), (16 << 16) + 1, 3 << 16, -(3 << 16))),
+                        rng.integers(-(8 << 16), 8 << 16, 40)]).astype(np.int64)
+    up = rng.permutation(x)
+    unit = hv.Activation(kind, gated)
+    got = drive(unit, **({"x": x, "up": up} if gated else {"x": x})).reshape(-1)
+    act = ACTS[kind](x)
+    want = fx.saturate32(fx.mul_q(act, up, fx.Q)) if gated else fx.saturate32(act)
+    assert np.array_equal(got, want) and got.size == x.size
+
+
+@pytest.mark.parametrize("kind", ["rmsnorm", "layernorm"])
+@pytest.mark.parametrize("case", ["random", "tiny", "huge", "equal"])
+def test_norm_unit_equals_golden(kind, case):
+    from types import SimpleNamespace
+    from tapeout.compiler.golden.model import k_layernorm, k_rmsnorm
+    rng = np.random.default_rng(8)
+    d = 24
+    x = {"random": rng.integers(-(3 << 16), 3 << 16, d), "tiny": rng.integers(-3, 4, d),
+         "huge": np.where(rng.random(d) < 0.5, fx.INT32_MIN, fx.INT32_MAX),
+         "equal": np.full(d, 5 << 16)}[case].astype(np.int64)
+    g = fx.to_fixed(rng.uniform(-2, 2, d))
+    b = fx.to_fixed(rng.uniform(-1, 1, d)) if kind == "layernorm" else None
+    eps = 1e-5 if kind == "layernorm" else 1e-6
+    op = SimpleNamespace(attr=lambda key, default=None: eps if key == "eps" else default)
+    want = (k_layernorm(None, op, x[None], g, b) if kind == "layernorm" else k_rmsnorm(None, op, x[None], g))[0]
+    unit = hv.NormUnit(d, g, b, eps=eps, kind=kind)
+    got = drive(unit, x=x).reshape(-1)
+    assert np.array_equal(got, want) and got.size == d
+
+
+def run_attention(unit, qe, qs, ke, ks, ve, vs):
+    """Load T positions into an AttentionUnit, wait for ready; returns (out [D], cycles)."""
+    from amaranth.sim import Simulator
+    T = ke.shape[0]
+    got, cycles = {}, [0]
+
+    async def bench(ctx):
+        for k in range(unit.d):
+            ctx.set(unit.qe[k], int(qe[k]))
+        for j in range(unit.nb):
+            ctx.set(unit.qs[j], int(qs[j]))
+        for t in range(T):
+            for k in range(unit.d):
+                ctx.set(unit.ke[k], int(ke[t, k]))
+                ctx.set(unit.ve[k], int(ve[t, k]))
+            for j in range(unit.nb):
+                ctx.set(unit.ks[j], int(ks[t, j]))
+                ctx.set(unit.vs[j], int(vs[t, j]))
+            ctx.set(unit.valid, 1)
+            ctx.set(unit.last, int(t == T - 1))
+            await ctx.tick()
+            cycles[0] += 1
+        ctx.set(unit.valid, 0)
+        for _ in range(40 * T + 200):
+            await ctx.tick()
+            cycles[0] += 1
+            if ctx.get(unit.ready):
+                got["out"] = [ctx.get(unit.out[k]) for k in range(unit.d)]
+                return
+
+    sim = Simulator(unit)
+    sim.add_clock(1e-6)
+    sim.add_testbench(bench)
+    sim.run()
+    assert "out" in got, "the attention unit never raised ready"
+    return np.array(got["out"], np.int64), cycles[0]
+
+
+@pytest.mark.parametrize("d, T, spread", [(16, 5, 1 << 16), (64, 9, 4 << 16), (32, 1, 1 << 16), (16, 6, 1 << 24)])
+def test_attention_unit_equals_golden(d, T, spread):
+    import math
+    from types import SimpleNamespace
+    from tapeout.compiler.golden.model import Golden, k_attention  # noqa: F401
+    rng = np.random.default_rng(d * T)
+    q = rng.integers(-spread, spread, (1, 1, 1, d))
+    k = rng.integers(-spread, spread, (1, 1, T, d))
+    v = rng.integers(-spread, spread, (1, 1, T, d))
+    if T > 2:
+        k[0, 0, 1] = k[0, 0, 0]                                      # equal scores
+    scale = 1.0 / math.sqrt(d)
+    op = SimpleNamespace(name="att", attr=lambda key, default=None: {"causal": True, "scale": scale}.get(key, default))
+    gm = SimpleNamespace(config=SimpleNamespace(act_bits=8, block=32))
+    want = k_attention(gm, op, q, k, v)[0, 0, 0]
+    qe, qs = fx.mx_quantize(q[0, 0, 0])
+    ke, ks = fx.mx_quantize(k[0, 0])
+    ve, vs = fx.mx_quantize(v[0, 0])
+    M, n = fx.multiplier(np.float64(scale))
+    unit = hv.AttentionUnit(d, 12, int(M), int(n))
+    got, cycles = run_attention(unit, qe, qs, ke, ks, ve, vs)
+    assert np.array_equal(got, want) and got.size == d
