@@ -414,15 +414,20 @@ class NormUnit(_Pipe):
     ``sat(round(round((xs << 24) / r) * g / 2**16) [+ b])``. ``LATENCY`` is the cycles from the
     first value in to the first value out. The unit takes one vector at a time."""
 
-    def __init__(self, d: int, gain, bias=None, *, eps: float, kind: str = "rmsnorm"):
+    def __init__(self, d: int, gain, bias=None, *, eps, kind: str = "rmsnorm"):
         import numpy as np
         if kind not in ("rmsnorm", "layernorm"):
             raise ValueError(f"norm must be rmsnorm or layernorm, not {kind!r}")
         self.d, self.kind = d, kind
-        self.gain = [int(v) for v in np.asarray(gain, np.int64).reshape(-1)]
+        gain = np.asarray(gain, np.int64).reshape(-1, d)         # one row per op sharing the unit
+        self.ops = gain.shape[0]
+        self.gain = [int(v) for v in gain.reshape(-1)]
         self.bias = None if bias is None else [int(v) for v in np.asarray(bias, np.int64).reshape(-1)]
-        g0 = int(round(eps * 2.0 ** 60))
-        self.eps_k = [((g0 + (1 << (27 + 2 * k))) >> (28 + 2 * k)) for k in range(48)]   # rshift_round
+        eps = [float(e) for e in np.broadcast_to(np.asarray(eps, np.float64), (self.ops,))]
+        self.eps_k = []
+        for e in eps:
+            g0 = int(round(e * 2.0 ** 60))
+            self.eps_k += [((g0 + (1 << (27 + 2 * k))) >> (28 + 2 * k)) for k in range(48)]   # rshift_round
         self._mean = DivRound(44, 12, 33)
         self._ms = DivRound(44, 12, 33)
         self._sqrt = ISqrt(50)
@@ -431,17 +436,29 @@ class NormUnit(_Pipe):
         # load d, (mean), max pass d, shift, squares pass d + 1, ms, sqrt, then the division pipeline
         self.LATENCY = (d + lat_mean + d + 1 + d + 1 + self._ms.LATENCY + 1 + self._sqrt.LATENCY + 1
                         + 1 + self._div.LATENCY + 1)
-        super().__init__({"valid": In(1), "x": In(signed(32)), "ready": Out(1), "y": Out(signed(32))})
+        ports = {"valid": In(1), "x": In(signed(32))}
+        if self.ops > 1:
+            ports["sel"] = In(range(self.ops))                     # which op's gains, bias and eps
+        super().__init__({**ports, "ready": Out(1), "y": Out(signed(32))})
 
     def elaborate(self, platform):
-        from amaranth.hdl import Array
+        from amaranth.lib.memory import Memory
         m = Module()
         d = self.d
-        buf = Array(Signal(signed(34), name=f"buf{i}") for i in range(d))
-        gain = Array(Const(g, signed(33)) for g in self.gain)
-        bias = Array(Const(b, signed(33)) for b in self.bias) if self.bias else None
-        eps = Array(Const(e, unsigned(61)) for e in self.eps_k)
+        m.submodules.buf = mem = Memory(shape=signed(35), depth=max(d, 2), init=[])
+        rd, wr = mem.read_port(domain="comb"), mem.write_port()
+        sel = self.sel if self.ops > 1 else 0
+
+        def rom(name, values, shape):
+            mm = m.submodules[name] = Memory(shape=shape, depth=max(len(values), 2), init=values + [0] * (len(values) < 2))
+            return mm.read_port(domain="comb")
+
+        gain_rp = rom("gain", self.gain, signed(33))
+        bias_rp = rom("bias", self.bias, signed(33)) if self.bias else None
+        eps_rp = rom("eps", self.eps_k, unsigned(61))
         i = Signal(range(d + 1))
+        m.d.comb += [rd.addr.eq(i), wr.addr.eq(i), wr.en.eq(0)]
+        cur = rd.data
         acc = Signal(signed(48))
         amax = Signal(unsigned(34))
         k = Signal(unsigned(6))
@@ -456,7 +473,8 @@ class NormUnit(_Pipe):
         with m.FSM():
             with m.State("LOAD"):
                 with m.If(self.valid):
-                    m.d.sync += [buf[i].eq(self.x), i.eq(i + 1), acc.eq(acc + self.x)]
+                    m.d.comb += [wr.en.eq(1), wr.data.eq(self.x)]
+                    m.d.sync += [i.eq(i + 1), acc.eq(acc + self.x)]
                     with m.If(i == d - 1):
                         m.d.sync += i.eq(0)
                         m.next = "MEAN" if self.kind == "layernorm" else "MAX"
@@ -469,8 +487,9 @@ class NormUnit(_Pipe):
                         m.next = "MAX"
             with m.State("MAX"):                       # centre (LayerNorm), largest magnitude
                 c = Signal(signed(35))
-                m.d.comb += c.eq(buf[i] - (acc if self.kind == "layernorm" else 0))
-                m.d.sync += [buf[i].eq(c), i.eq(i + 1),
+                m.d.comb += c.eq(cur - (acc if self.kind == "layernorm" else 0))
+                m.d.comb += [wr.en.eq(1), wr.data.eq(c)]
+                m.d.sync += [i.eq(i + 1),
                              amax.eq(Mux((Mux(c < 0, -c, c)) > amax, Mux(c < 0, -c, c), amax))]
                 with m.If(i == d - 1):
                     m.d.sync += i.eq(0)
@@ -481,8 +500,9 @@ class NormUnit(_Pipe):
                 m.next = "SQUARES"
             with m.State("SQUARES"):
                 xs = Signal(signed(34))
-                m.d.comb += xs.eq((buf[i] + half_of(k, 34)) >> k)
-                m.d.sync += [buf[i].eq(xs), sumsq.eq(sumsq + xs * xs), i.eq(i + 1)]
+                m.d.comb += xs.eq((cur + half_of(k, 34)) >> k)
+                m.d.comb += [wr.en.eq(1), wr.data.eq(xs)]
+                m.d.sync += [sumsq.eq(sumsq + xs * xs), i.eq(i + 1)]
                 with m.If(i == d - 1):
                     m.d.sync += i.eq(0)
                     m.next = "MS"
@@ -493,18 +513,21 @@ class NormUnit(_Pipe):
                     m.d.sync += [i.eq(0), sumsq.eq(msd.q)]
                     m.next = "SQRT"
             with m.State("SQRT"):
-                m.d.comb += [sq.valid.eq(i == 0), sq.v.eq((sumsq + eps[k]) << 16)]
+                m.d.comb += [eps_rp.addr.eq(sel * 48 + k), sq.valid.eq(i == 0), sq.v.eq((sumsq + eps_rp.data) << 16)]
                 m.d.sync += i.eq(1)
                 with m.If(sq.ready):
                     m.d.sync += [i.eq(0), r.eq(Mux(sq.r == 0, 1, sq.r))]
                     m.next = "DIVIDE"
             with m.State("DIVIDE"):                   # the division pipeline, one value per cycle
-                m.d.comb += [div.valid.eq(i < d), div.a.eq(buf[i] << 24), div.b.eq(r)]
+                m.d.comb += [div.valid.eq(i < d), div.a.eq(cur << 24), div.b.eq(r)]
                 m.d.sync += i.eq(Mux(i < d, i + 1, i))
+                m.d.comb += gain_rp.addr.eq(sel * d + out_i)
+                if bias_rp is not None:
+                    m.d.comb += bias_rp.addr.eq(sel * d + out_i)
                 with m.If(div.ready):
                     prod = Signal(signed(80))
-                    m.d.comb += prod.eq(div.q * gain[out_i])
-                    y = round_shift(prod, Q16) + (bias[out_i] if bias is not None else 0)
+                    m.d.comb += prod.eq(div.q * gain_rp.data)
+                    y = round_shift(prod, Q16) + (bias_rp.data if bias_rp is not None else 0)
                     m.d.sync += [self.y.eq(sat32(y)), out_i.eq(out_i + 1)]
                 with m.If(out_i == d):
                     m.d.sync += [i.eq(0), out_i.eq(0), acc.eq(0), amax.eq(0), sumsq.eq(0)]
@@ -548,16 +571,30 @@ class AttentionUnit(wiring.Component):
             "ready": Out(1), "out": Out(signed(32)).array(d)})
 
     def elaborate(self, platform):
-        from amaranth.hdl import Array
+        from amaranth.hdl import Array, Cat
+        from amaranth.lib.memory import Memory
         m = Module()
         D, T, B, nb, bits = self.d, self.max_t, self.block, self.nb, self.bits
-        ke = [Array(Signal(signed(bits), name=f"ke{t}_{i}") for i in range(D)) for t in range(T)]
-        ve = [Array(Signal(signed(bits), name=f"ve{t}_{i}") for i in range(D)) for t in range(T)]
-        ks = [Array(Signal(unsigned(6), name=f"ks{t}_{j}") for j in range(nb)) for t in range(T)]
-        vs = [Array(Signal(unsigned(6), name=f"vs{t}_{j}") for j in range(nb)) for t in range(T)]
-        KE, VE, KS, VS = Array(ke), Array(ve), Array(ks), Array(vs)
-        z = Array(Signal(signed(48), name=f"z{t}") for t in range(T))
-        e = Array(Signal(unsigned(31), name=f"e{t}") for t in range(T))
+
+        def mem(name, width):
+            mm = m.submodules[name] = Memory(shape=unsigned(width), depth=max(T, 2), init=[])
+            rd, wr = mm.read_port(domain="comb"), mm.write_port()
+            m.d.comb += [rd.addr.eq(0), wr.addr.eq(0), wr.en.eq(0), wr.data.eq(0)]
+            return rd, wr
+
+        ke_r, ke_w = mem("ke", D * bits)
+        ve_r, ve_w = mem("ve", D * bits)
+        ks_r, ks_w = mem("ks", nb * 6)
+        vs_r, vs_w = mem("vs", nb * 6)
+        z_r, z_w = mem("z", 48)
+        e_r, e_w = mem("e", 31)
+
+        def lane(word, k, width=bits):
+            return word[k * width:(k + 1) * width].as_signed()
+
+        def shf(word, j):
+            return word[j * 6:(j + 1) * 6]
+
         n = Signal(range(T + 1))            # positions loaded
         i = Signal(range(T + 2))
         o = Signal(range(T + 2))
@@ -571,60 +608,66 @@ class AttentionUnit(wiring.Component):
         with m.FSM():
             with m.State("LOAD"):
                 with m.If(self.valid):
-                    for k in range(D):
-                        m.d.sync += [KE[n][k].eq(self.ke[k]), VE[n][k].eq(self.ve[k])]
+                    m.d.comb += [ke_w.addr.eq(n), ke_w.en.eq(1), ke_w.data.eq(Cat(*self.ke)),
+                                 ve_w.addr.eq(n), ve_w.en.eq(1), ve_w.data.eq(Cat(*self.ve)),
+                                 ks_w.addr.eq(n), ks_w.en.eq(1), ks_w.data.eq(Cat(*self.ks)),
+                                 vs_w.addr.eq(n), vs_w.en.eq(1), vs_w.data.eq(Cat(*self.vs))]
                     for j in range(nb):
-                        m.d.sync += [KS[n][j].eq(self.ks[j]), VS[n][j].eq(self.vs[j]),
-                                     vmin[j].eq(Mux((n == 0) | (self.vs[j] < vmin[j]), self.vs[j], vmin[j]))]
+                        m.d.sync += vmin[j].eq(Mux((n == 0) | (self.vs[j] < vmin[j]), self.vs[j], vmin[j]))
                     m.d.sync += n.eq(n + 1)
                     with m.If(self.last):
                         m.d.sync += i.eq(0)
                         m.next = "SCORE"
             with m.State("SCORE"):                       # one position per cycle
+                m.d.comb += [ke_r.addr.eq(i), ks_r.addr.eq(i)]
                 exps = [Signal(unsigned(7), name=f"sx{j}") for j in range(nb)]
                 for j in range(nb):
-                    m.d.comb += exps[j].eq(self.qs[j] + KS[i][j])
+                    m.d.comb += exps[j].eq(self.qs[j] + shf(ks_r.data, j))
                 emin = exps[0]
                 for j in range(1, nb):
                     nm = Signal(unsigned(7), name=f"emin{j}")
                     m.d.comb += nm.eq(Mux(exps[j] < emin, exps[j], emin))
                     emin = nm
-                s = Signal(signed(48))
+                sc = Signal(signed(48))
                 terms = []
                 for j in range(nb):
-                    part = sum(self.qe[j * B + k] * KE[i][j * B + k] for k in range(B))
+                    part = sum(self.qe[j * B + k] * lane(ke_r.data, j * B + k) for k in range(B))
                     terms.append(part << (exps[j] - emin)[:6])
-                m.d.comb += s.eq(sum(terms))
+                m.d.comb += sc.eq(sum(terms))
                 amt = Signal(signed(10))
                 m.d.comb += amt.eq(self.scale_n - emin + Q16)
                 prod = Signal(signed(64))
-                m.d.comb += prod.eq(s * self.scale_m)
+                m.d.comb += prod.eq(sc * self.scale_m)
                 zz = Signal(signed(48))
                 m.d.comb += zz.eq(Mux(amt > 0, (prod + half_of(amt[:7], 64)) >> amt[:7], prod << (-amt)[:7]))
-                m.d.sync += [z[i].eq(zz), zmax.eq(Mux((i == 0) | (zz > zmax), zz, zmax)), i.eq(i + 1)]
+                m.d.comb += [z_w.addr.eq(i), z_w.en.eq(1), z_w.data.eq(zz)]
+                m.d.sync += [zmax.eq(Mux((i == 0) | (zz > zmax), zz, zmax)), i.eq(i + 1)]
                 with m.If(i == n - 1):
                     m.d.sync += [i.eq(0), o.eq(0), total.eq(0)]
                     m.next = "EXP"
             with m.State("EXP"):                         # e_t = exp(z_t - max), pipelined
+                m.d.comb += z_r.addr.eq(i)
                 diff = Signal(signed(49))
-                m.d.comb += diff.eq(z[i] - zmax)
+                m.d.comb += diff.eq(z_r.data.as_signed() - zmax)
                 lo = -64 * (1 << Q16)                     # exp of anything below is 0 in Q30 anyway
                 m.d.comb += [exp.valid.eq(i < n), exp.d[0].eq(Mux(diff < lo, lo, diff))]
                 m.d.sync += i.eq(Mux(i < n, i + 1, i))
                 with m.If(exp.ready):
-                    m.d.sync += [e[o].eq(exp.e[0]), total.eq(total + exp.e[0]), o.eq(o + 1)]
+                    m.d.comb += [e_w.addr.eq(o), e_w.en.eq(1), e_w.data.eq(exp.e[0])]
+                    m.d.sync += [total.eq(total + exp.e[0]), o.eq(o + 1)]
                     with m.If(o == n - 1):
                         m.d.sync += [i.eq(0), o.eq(0)]
                         for k in range(D):
                             m.d.sync += acc[k].eq(0)
                         m.next = "PV"
             with m.State("PV"):                          # p_t = round(e_t * 2**15 / total); acc += p v
-                m.d.comb += [div.valid.eq(i < n), div.a.eq(e[i] << 15), div.b.eq(total)]
+                m.d.comb += [e_r.addr.eq(i), ve_r.addr.eq(o), vs_r.addr.eq(o)]
+                m.d.comb += [div.valid.eq(i < n), div.a.eq(e_r.data << 15), div.b.eq(total)]
                 m.d.sync += i.eq(Mux(i < n, i + 1, i))
                 with m.If(div.ready):
                     for k in range(D):
                         j = k // B
-                        m.d.sync += acc[k].eq(acc[k] + div.q * (VE[o][k] << (VS[o][j] - vmin[j])[:6]))
+                        m.d.sync += acc[k].eq(acc[k] + div.q * (lane(ve_r.data, k) << (shf(vs_r.data, j) - vmin[j])[:6]))
                     m.d.sync += o.eq(o + 1)
                     with m.If(o == n - 1):
                         m.next = "OUT"
@@ -640,4 +683,22 @@ class AttentionUnit(wiring.Component):
             with m.State("DONE"):
                 m.d.comb += self.ready.eq(1)
                 m.next = "LOAD"
+        return m
+
+
+class MulQ16(_Pipe):
+    """y = sat32(round(a * b / 2**16)) (golden's ``Mul`` on Q16 values), ``lanes`` lanes."""
+
+    LATENCY = 1
+
+    def __init__(self, lanes: int = 1):
+        self.lanes = lanes
+        super().__init__({"valid": In(1), "a": In(signed(32)).array(lanes), "b": In(signed(32)).array(lanes),
+                          "ready": Out(1), "y": Out(signed(32)).array(lanes)})
+
+    def elaborate(self, platform):
+        m = Module()
+        for i in range(self.lanes):
+            m.d.sync += self.y[i].eq(sat32(round_shift(self.a[i] * self.b[i], Q16)))
+        self._valid_chain(m, 1)
         return m

@@ -168,9 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt", metavar="TEXT", help="the prompt as text (needs a tokenizer)")
     src.add_argument("--tokens", metavar="IDS.npy", help="the prompt as a 1-D array of token ids")
     p.add_argument("--new-tokens", type=int, default=16, metavar="N", help="tokens to generate (default 16)")
-    p.add_argument("--engine", choices=("golden", "chip"), default="chip",
+    p.add_argument("--engine", choices=("golden", "chip", "verilator"), default="chip",
                    help="chip (default): the chip's cycle model from its via layers, vector unit and KV cache; "
-                        "golden: the integer reference (each token from a whole window)")
+                        "golden: the integer reference (each token from a whole window); verilator: the whole "
+                        "chip's RTL (hdl/chip.py) under Verilator (a build of 1-2 minutes for a tiny model, cached)")
     p.add_argument("--tokenizer", metavar="T", help="tokenizer.json or a folder holding one (default: the chip "
                    "folder's tokenizer.json, copied at compile time)")
     p.add_argument("--json", action="store_true", help="print tokens, cycles_per_token, engine, ... as JSON")

@@ -286,6 +286,22 @@ def cmd_run(args: argparse.Namespace, progress: Progress) -> int:
         with progress.step(f"golden: {n} tokens, one window of {seq.seq_len} positions each"):
             gen = cm.golden_generate(prog, prompt, n, context=seq.context)
         gen.cycles = [seq.cycles_at(len(prompt) - 1 + i) for i in range(n)]
+    elif args.engine == "verilator":
+        from tapeout.backends.maskrom import chiprtl
+        from tapeout.hdl.chip import ChipTop, run_tokens_verilator
+        from tapeout.hdl.sim import verilator_available
+        ok, why = verilator_available()
+        if not ok:
+            raise TapeoutError(f"--engine verilator: {why}")
+        with progress.step("the whole chip's RTL (hdl/chip.py) from the via layers and the program"):
+            top = ChipTop(chiprtl.build_spec(prog, layers, plan, seq))
+        stats: dict = {}
+        with progress.step(f"Verilator: build (cached by hash) and {len(prompt)} prompt + {n} new tokens"):
+            import time as _time
+            t0 = _time.perf_counter()
+            toks, cycles = run_tokens_verilator(top, prompt, n, stats=stats) if n else ([], [])
+            gen = cm.Generation(toks, [int(t) for t in prompt], "verilator",
+                                cycles=cycles[len(prompt) - 1:] if cycles else [], seconds=_time.perf_counter() - t0)
     else:
         with progress.step(f"building the chip model ({len(layers.names)} linears' word-line images)"):
             chip = cm.ChipModel(prog, layers, plan, seq)
@@ -303,7 +319,9 @@ def cmd_run(args: argparse.Namespace, progress: Progress) -> int:
         print(dumps_json(r), end="")
         return 0
     what = {"golden": "golden (integer reference, one window per token)",
-            "chip": "chip (cycle model: via-layer row images, vector unit, KV cache)"}[args.engine]
+            "chip": "chip (cycle model: via-layer row images, vector unit, KV cache)",
+            "verilator": "verilator (the whole chip's RTL: sequencer, vector units, attention, KV cache, "
+                         "row-serial linears)"}[args.engine]
     lines = [f"chip      {folder}  ({man['options'].get('format')}, {len(seq.attention)} layers, context {seq.context}, "
              f"{len(seq.instrs)} sequencer instructions)",
              f"engine    {what}",

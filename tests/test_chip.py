@@ -84,8 +84,8 @@ def test_run_text_output_and_errors(chips, capsys, tmp_path):
     code, out, err = run_cli(capsys, "run", chip, "--tokens", ids, "--new-tokens", 4)
     assert code == 0, err
     assert "cycles " in out and "tokens/s at 1 GHz" in out and "tokens    [" in out
-    code, _, err = run_cli(capsys, "run", chip, "--tokens", ids, "--new-tokens", 14)
-    assert_one_line_error(code, err, "context is 16")
+    code, _, err = run_cli(capsys, "run", chip, "--tokens", ids, "--new-tokens", 15)   # 3 + 14 positions
+    assert_one_line_error(code, err, "need 17 positions", "context is 16")
     code, _, err = run_cli(capsys, "run", chip, "--prompt", "hello", "--new-tokens", 2)
     assert_one_line_error(code, err, "needs a tokenizer")
     np.save(ids, np.array([7, 999]))

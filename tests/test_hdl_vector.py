@@ -220,3 +220,11 @@ def test_attention_unit_equals_golden(d, T, spread):
     unit = hv.AttentionUnit(d, 12, int(M), int(n))
     got, cycles = run_attention(unit, qe, qs, ke, ks, ve, vs)
     assert np.array_equal(got, want) and got.size == d
+
+
+def test_mul_unit_equals_golden():
+    rng = np.random.default_rng(9)
+    a = q16_cases(rng, 80)
+    b = rng.permutation(a)
+    got = drive(hv.MulQ16(1), a=a, b=b).reshape(-1)
+    assert np.array_equal(got, fx.saturate32(fx.mul_q(a, b, fx.Q))) and got.size == a.size

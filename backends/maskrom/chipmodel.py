@@ -58,8 +58,9 @@ def check_prompt(prompt, n_new: int, vocab: int, context: int) -> list[int]:
         raise TapeoutError(f"token id {bad[0]} is outside the vocabulary of {vocab}")
     if n_new < 0:
         raise TapeoutError(f"--new-tokens must be >= 0, not {n_new}")
-    if len(ids) + n_new > context:
-        raise TapeoutError(f"the prompt ({len(ids)} tokens) plus {n_new} new tokens is {len(ids) + n_new} positions; "
+    runs = len(ids) + max(n_new - 1, 0)                   # the last new token is never fed back
+    if runs > context:
+        raise TapeoutError(f"the prompt ({len(ids)} tokens) and {n_new} new tokens need {runs} positions; "
                            f"the chip's context is {context} (the KV cache and the position tables)")
     return ids
 
