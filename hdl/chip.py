@@ -92,6 +92,19 @@ class ChipTop(wiring.Component):
             the operand's address map (a ROM unless it is the identity)."""
             sid, idx = operand
             idx = np.asarray(idx)
+            if not isinstance(sid, int):                  # several storages: one read per storage, a select
+                sids = np.asarray(sid)
+                if isinstance(at, int):
+                    return S[int(sids[at])].read(int(idx[at]))
+                roms[0] += 1
+                which = sorted(set(int(v) for v in sids))
+                sel = _rom_comb(m, f"sel{roms[0]}", [which.index(int(v)) for v in sids])
+                adr = _rom_comb(m, f"adr{roms[0]}", idx)
+                m.d.comb += [sel.addr.eq(at), adr.addr.eq(at)]
+                out = S[which[0]].read(adr.data)
+                for k, w in enumerate(which[1:], 1):
+                    out = Mux(sel.data == k, S[w].read(adr.data), out)
+                return out
             if isinstance(at, int):
                 return S[sid].read(int(idx[at]))
             if np.array_equal(idx, np.arange(len(idx))):
@@ -508,3 +521,44 @@ def run_tokens_verilator(top: ChipTop, prompt, n_new: int, *, stats: dict | None
         lines = (tmp / "out.txt").read_text().split("\n")
     stats["run_s"], stats["sim_cycles"] = rep["seconds"], int(rep["cycles"])
     return [int(v) for v in lines[0].split()], [int(v) for v in lines[1].split()]
+
+
+def rtl_cycles(spec: dict, position: int) -> dict[str, int]:
+    """The cycles ChipTop takes for a token at ``position``, micro-op by micro-op, from the
+    FSM's structure and the units' latencies (``tests/test_chip_rtl.py`` holds the RTL to it).
+    Keys: ``"{index} {kind}"``; ``"finish"`` is the done cycle."""
+    from .rowserial import stage_cycles
+    from .vector import DivRound, ExpNeg
+    T = position + 1
+    att_div = DivRound.latency(17)
+    out: dict[str, int] = {}
+    for n, op in enumerate(spec["ops"]):
+        k = op["kind"]
+        if k == "embed":
+            c = op["table"].shape[1] + 1
+        elif k in ("add", "sub", "mul"):
+            c = len(op["a"][1]) + 1 + (0 if op["rows"] is None else 1)
+        elif k == "rope":
+            c = len(op["x"][1]) + 2 + 1
+        elif k == "act":
+            c = len(op["x"][1]) + Activation.latency(op["act"])
+        elif k == "norm":
+            d = len(op["src"][1])
+            c = d + NormUnit.latency(d, op["norm"])
+        elif k == "linear":
+            img = op["image"]
+            c = (img.in_dim // op["block"] + MxQuant.LATENCY) + 1 + stage_cycles(
+                img.out_dim, img.in_dim, chains=img.chains, chain_tiles=img.chain_tiles, cols=img.spec.cols)
+        elif k == "attention":
+            D, H, Hkv = op["d"], op["heads"], op["kv_heads"]
+            B = D if D < 32 else 32 if D % 32 == 0 else int(np.gcd(D, 32))
+            nb = D // B
+            mx = 2 * Hkv * nb + H * nb + MxQuant.LATENCY
+            c = mx + H * (4 * T + ExpNeg.LATENCY + att_div + 2)
+        elif k == "argmax":
+            c = len(op["src"][1])
+        else:
+            raise ValueError(f"no cycle rule for {k}")
+        out[f"{n} {k}"] = c
+    out["finish"] = 1
+    return out

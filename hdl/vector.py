@@ -217,9 +217,13 @@ class DivRound(_Pipe):
     ``q_bits``: the quotient's magnitude bits (|a|/b + 1 < 2**q_bits, stated by the caller).
     One restoring stage per quotient bit (LATENCY = q_bits + 2)."""
 
+    @staticmethod
+    def latency(q_bits: int) -> int:
+        return q_bits + 2
+
     def __init__(self, a_bits: int, b_bits: int, q_bits: int):
         self.a_bits, self.b_bits, self.q_bits = a_bits, b_bits, q_bits
-        self.LATENCY = q_bits + 2
+        self.LATENCY = self.latency(q_bits)
         super().__init__({"valid": In(1), "a": In(signed(a_bits)), "b": In(unsigned(b_bits)),
                           "ready": Out(1), "q": Out(signed(q_bits + 1))})
 
@@ -254,10 +258,14 @@ class DivRound(_Pipe):
 class ISqrt(_Pipe):
     """r = floor(sqrt(v)) for unsigned ``v_bits`` v: one digit-by-digit stage per result bit."""
 
+    @staticmethod
+    def latency(v_bits: int) -> int:
+        return (v_bits + (v_bits & 1)) // 2 + 1
+
     def __init__(self, v_bits: int):
         self.v_bits = v_bits + (v_bits & 1)
         self.r_bits = self.v_bits // 2
-        self.LATENCY = self.r_bits + 1
+        self.LATENCY = self.latency(v_bits)
         super().__init__({"valid": In(1), "v": In(unsigned(v_bits)), "ready": Out(1), "r": Out(unsigned(self.r_bits))})
 
     def elaborate(self, platform):
@@ -343,13 +351,18 @@ class Activation(_Pipe):
     with ``xc`` = x clipped to +-16, in four stages ahead. Then ``round(x * sigmoid / 2**30)``.
     """
 
+    @staticmethod
+    def latency(kind: str) -> int:
+        """The GELU stages, the exp, the divider, the product with x and the output register."""
+        return (4 if kind == "gelu" else 0) + ExpNeg.LATENCY + DivRound.latency(31) + 2
+
     def __init__(self, kind: str = "silu", gated: bool = False):
         if kind not in ("silu", "gelu"):
             raise ValueError(f"activation must be silu or gelu, not {kind!r}")
         self.kind, self.gated = kind, gated
         self._pre = 4 if kind == "gelu" else 0
         self._div = DivRound(62, 32, 31)
-        self.LATENCY = self._pre + ExpNeg.LATENCY + self._div.LATENCY + 2
+        self.LATENCY = self.latency(kind)
         ports = {"valid": In(1), "x": In(signed(32))}
         if gated:
             ports["up"] = In(signed(32))
@@ -414,6 +427,13 @@ class NormUnit(_Pipe):
     ``sat(round(round((xs << 24) / r) * g / 2**16) [+ b])``. ``LATENCY`` is the cycles from the
     first value in to the first value out. The unit takes one vector at a time."""
 
+    @staticmethod
+    def latency(d: int, kind: str) -> int:
+        """First value in -> first value out: the load (d), the mean (LayerNorm), the max pass (d),
+        the shift, the squares pass (d), ms, the square root, the division pipeline, the output."""
+        mean = 1 + DivRound.latency(33) if kind == "layernorm" else 0
+        return d + mean + d + 1 + d + DivRound.latency(33) + ISqrt.latency(50) + 2 + DivRound.latency(41) + 1
+
     def __init__(self, d: int, gain, bias=None, *, eps, kind: str = "rmsnorm"):
         import numpy as np
         if kind not in ("rmsnorm", "layernorm"):
@@ -432,10 +452,7 @@ class NormUnit(_Pipe):
         self._ms = DivRound(44, 12, 33)
         self._sqrt = ISqrt(50)
         self._div = DivRound(41, 26, 41)
-        lat_mean = 1 + self._mean.LATENCY if kind == "layernorm" else 0
-        # load d, (mean), max pass d, shift, squares pass d + 1, ms, sqrt, then the division pipeline
-        self.LATENCY = (d + lat_mean + d + 1 + d + 1 + self._ms.LATENCY + 1 + self._sqrt.LATENCY + 1
-                        + 1 + self._div.LATENCY + 1)
+        self.LATENCY = self.latency(d, kind)
         ports = {"valid": In(1), "x": In(signed(32))}
         if self.ops > 1:
             ports["sel"] = In(range(self.ops))                     # which op's gains, bias and eps

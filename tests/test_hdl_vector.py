@@ -21,6 +21,29 @@ def drive(unit, **inputs):
     return out
 
 
+def first_ready(unit, **inputs) -> int:
+    """The cycle (0 = the first input's) on which the unit first raises ready: its latency."""
+    from amaranth.sim import Simulator
+    rows = len(next(iter(inputs.values())))
+    seen = []
+
+    async def bench(ctx):
+        for c in range(rows + unit.LATENCY + 8):
+            for name, v in inputs.items():
+                if c < rows:
+                    ctx.set(getattr(unit, name), int(v[c]))
+            ctx.set(unit.valid, int(c < rows))
+            if ctx.get(unit.ready) and not seen:
+                seen.append(c)
+            await ctx.tick()
+
+    sim = Simulator(unit)
+    sim.add_clock(1e-9)
+    sim.add_testbench(bench)
+    sim.run()
+    return seen[0]
+
+
 def q16_cases(rng, n, extra=()):
     base = [0, 1, -1, fx.INT32_MAX, fx.INT32_MIN, fx.ONE, -fx.ONE, (1 << 15), -(1 << 15), 127, -128, 255, -256,
             *extra]
@@ -135,6 +158,7 @@ def test_activation_units_equal_golden(kind, gated):
     up = rng.permutation(x)
     unit = hv.Activation(kind, gated)
     got = drive(unit, **({"x": x, "up": up} if gated else {"x": x})).reshape(-1)
+    assert first_ready(hv.Activation(kind, gated), **({"x": x, "up": up} if gated else {"x": x})) == unit.LATENCY
     act = ACTS[kind](x)
     want = fx.saturate32(fx.mul_q(act, up, fx.Q)) if gated else fx.saturate32(act)
     assert np.array_equal(got, want) and got.size == x.size
@@ -158,6 +182,8 @@ def test_norm_unit_equals_golden(kind, case):
     unit = hv.NormUnit(d, g, b, eps=eps, kind=kind)
     got = drive(unit, x=x).reshape(-1)
     assert np.array_equal(got, want) and got.size == d
+    # LATENCY is exact (hdl.chip.rtl_cycles counts on it), not just an upper bound
+    assert first_ready(hv.NormUnit(d, g, b, eps=eps, kind=kind), x=x) == unit.LATENCY
 
 
 def run_attention(unit, qe, qs, ke, ks, ve, vs):

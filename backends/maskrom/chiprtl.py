@@ -54,10 +54,13 @@ def build_spec(prog, layers, plan, seq) -> dict:
     def operand(t: str):
         """(storage id, index array) of tensor ``t``'s per-token elements, C order."""
         p = np.asarray(prov[t]).reshape(-1)
+        if (p < 0).any():
+            raise TapeoutError(f"operand {t} is not an activation of the token", node=t)
         sids = np.unique(p // ID)
-        if len(sids) != 1:
-            raise TapeoutError(f"operand {t} gathers from {len(sids)} storages; the chip RTL reads one", node=t)
-        return int(sids[0]), (p % ID).astype(np.int64)
+        if len(sids) == 1:
+            return int(sids[0]), (p % ID).astype(np.int64)
+        # a concat of several tensors (e.g. a partial rope's two halves): the storage of every element
+        return (p // ID).astype(np.int64), (p % ID).astype(np.int64)
 
     def const_rows(t: str, out_shape) -> np.ndarray:
         """A constant operand as ROM rows [ctx, n] (position tables) or [1, n], broadcast to
@@ -201,5 +204,7 @@ def _rope(prog, op, x, out_shape, ctx, tables, new_storage, operand) -> dict:
         cos_rows[p], sin_rows[p] = np.tile(c, lead), np.tile(s, lead)
     sid, idx = x
     new_storage(op.outputs[0])
-    return {"kind": "rope", "x": x, "partner": (sid, idx[partner.reshape(-1)]), "sign": sign.reshape(-1),
+    pr = partner.reshape(-1)
+    psid = sid if isinstance(sid, int) else np.asarray(sid)[pr]
+    return {"kind": "rope", "x": x, "partner": (psid, idx[pr]), "sign": sign.reshape(-1),
             "cos": cos_rows, "sin": sin_rows, "dst": operand(op.outputs[0])[0]}

@@ -62,6 +62,8 @@ def check_linears(program: IntegerProgram, layers: ViaLayers, tokens: int = 4, a
 def sample_window(program: IntegerProgram, seed: int) -> dict[str, np.ndarray]:
     """Feeds of one random prefill window (seeded): the compile's self-check and stimulus input."""
     graph, itf = program.graph, program.interface
+    if itf.mode == "decode":                 # one step with a seeded KV cache (Interface.sample_feeds)
+        return program.sample_feeds(seed)
     tok = itf.require_tokens(graph)
     window = np.random.default_rng(seed).integers(0, itf.vocab, int(np.prod(graph.tensors[tok].shape)))
     return itf.window_feeds(graph, window)

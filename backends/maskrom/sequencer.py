@@ -155,7 +155,11 @@ def _const_axis(prog: IntegerProgram, t: str) -> np.ndarray | None:
 def analyse(prog: IntegerProgram) -> tuple[dict[str, int | None], dict[str, int], int]:
     """Sequence axis of every tensor, the position tables, and the window length ``S``."""
     g, itf = prog.graph, prog.interface
-    if itf.mode != "prefill" or itf.tokens is None:
+    if itf.mode == "decode":
+        raise ChipLoweringError(f"a decode export (KV cache of {itf.past} positions as inputs) fixes its position "
+                                f"tables at position {itf.past}; the chip generates from a prefill export of the "
+                                "model, whose tables cover every position of the context", file=g.meta.get("file"))
+    if itf.tokens is None:
         raise ChipLoweringError("the chip runs token by token from a prefill export (input_ids [+ attention_mask, "
                                 f"position_ids]); this program's inputs are {g.inputs}", file=g.meta.get("file"))
     tok_shape = g.tensors[itf.tokens].shape
