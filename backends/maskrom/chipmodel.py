@@ -70,36 +70,44 @@ def argmax(logits: np.ndarray) -> int:
 
 
 # --- golden: whole windows ----------------------------------------------------------------------
+def window_feeds(prog: IntegerProgram, ids, seq: int) -> dict[str, np.ndarray]:
+    """Golden's feeds for one window holding ``ids`` at positions 0..n-1: the rest of the window
+    padded with token 0 and mask 0, positions 0..S-1, token types 0."""
+    g, itf = prog.graph, prog.interface
+    n = len(ids)
+    feeds = {}
+    for name in g.inputs:
+        info = g.tensors[name]
+        shape = tuple(int(d) for d in info.shape)
+        if name == itf.tokens:
+            w = np.zeros(seq, np.int64)
+            w[:n] = ids
+            feeds[name] = w.reshape(shape).astype(info.dtype)
+        elif name == itf.positions:
+            feeds[name] = np.broadcast_to(np.arange(shape[-1]), shape).astype(info.dtype)
+        elif name == itf.mask:
+            m = np.zeros(shape[-1], info.dtype)
+            m[:n] = 1
+            feeds[name] = np.broadcast_to(m, shape).copy()
+        elif name == itf.token_types:
+            feeds[name] = np.zeros(shape, info.dtype)
+        else:
+            raise TapeoutError(f"golden generation cannot fill the input {name!r}")
+    return feeds
+
+
 def golden_generate(prog: IntegerProgram, prompt, n_new: int, *, context: int | None = None,
                     keep_logits: bool = False, progress: Callable[[int], None] | None = None) -> Generation:
-    g, itf = prog.graph, prog.interface
+    itf = prog.interface
     seq = sequencer.analyse(prog)[2]
     ctx = seq if context is None else min(context, seq)
     ids = check_prompt(prompt, n_new, itf.vocab, ctx)
     gm, t0 = Golden(prog), time.perf_counter()
     out = Generation([], list(ids), "golden")
     cur = list(ids)
-    for step in range(n_new if n_new else 0):
+    for step in range(n_new):
         n = len(cur)
-        feeds = {}
-        for name in g.inputs:
-            info = g.tensors[name]
-            shape = tuple(int(d) for d in info.shape)
-            if name == itf.tokens:
-                window = np.zeros(seq, np.int64)
-                window[:n] = cur
-                feeds[name] = window.reshape(shape).astype(info.dtype)
-            elif name == itf.positions:
-                feeds[name] = np.broadcast_to(np.arange(shape[-1]), shape).astype(info.dtype)
-            elif name == itf.mask:
-                m = np.zeros(shape[-1], info.dtype)
-                m[:n] = 1
-                feeds[name] = np.broadcast_to(m, shape).copy()
-            elif name == itf.token_types:
-                feeds[name] = np.zeros(shape, info.dtype)
-            else:
-                raise TapeoutError(f"golden generation cannot fill the input {name!r}")
-        logits = gm.run(feeds, outputs=[itf.logits])[itf.logits]
+        logits = gm.run(window_feeds(prog, cur, seq), outputs=[itf.logits])[itf.logits]
         row = logits.reshape(-1, seq, logits.shape[-1])[0, n - 1]
         if keep_logits:
             out.logits.append(row)
@@ -114,26 +122,9 @@ def golden_generate(prog: IntegerProgram, prompt, n_new: int, *, context: int | 
 
 def golden_window_logits(prog: IntegerProgram, ids) -> np.ndarray:
     """Golden's logits [n, vocab] for the positions of ``ids`` (one window run)."""
-    g, itf = prog.graph, prog.interface
+    itf = prog.interface
     seq = sequencer.analyse(prog)[2]
-    ids = list(ids)
-    feeds = {}
-    for name in g.inputs:
-        info = g.tensors[name]
-        shape = tuple(int(d) for d in info.shape)
-        if name == itf.tokens:
-            w = np.zeros(seq, np.int64)
-            w[:len(ids)] = ids
-            feeds[name] = w.reshape(shape).astype(info.dtype)
-        elif name == itf.positions:
-            feeds[name] = np.broadcast_to(np.arange(shape[-1]), shape).astype(info.dtype)
-        elif name == itf.mask:
-            m = np.zeros(shape[-1], info.dtype)
-            m[:len(ids)] = 1
-            feeds[name] = np.broadcast_to(m, shape).copy()
-        else:
-            feeds[name] = np.zeros(shape, info.dtype)
-    logits = Golden(prog).run(feeds, outputs=[itf.logits])[itf.logits]
+    logits = Golden(prog).run(window_feeds(prog, list(ids), seq), outputs=[itf.logits])[itf.logits]
     return logits.reshape(-1, seq, logits.shape[-1])[0, :len(ids)]
 
 
