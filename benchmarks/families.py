@@ -15,6 +15,7 @@ decode export's cell says "prefill only". Prints one table; takes about a minute
 from __future__ import annotations
 
 import argparse
+import re
 import contextlib
 import io
 import json
@@ -114,8 +115,8 @@ def target_cell(path: Path, target: str, fmt: str, calib_file: Path, tmp: Path, 
         line = (e.strip().splitlines() or ["?"])[-1]
         return "prefill only" if "needs a prefill export" in line else f"ERROR {line[-60:]}"
     if target == "maskrom":
-        ok = "fabric == golden" in o
-        n = o.rsplit(" on ", 1)[-1].split()[0] if ok else "?"
+        hit = re.search(r"fabric == golden \([a-z]+\) on (\d+)", o)   # the whole-model check's count
+        ok, n = hit is not None, hit.group(1) if hit else "?"
         cell = f"eq {n}" if ok else "FAIL"
         if rtl:
             code, so, se = cli("simulate", out, "--layer", "layers.0", "--json")
