@@ -293,6 +293,7 @@ def cmd_run(args: argparse.Namespace, progress: Progress) -> int:
         ok, why = verilator_available()
         if not ok:
             raise TapeoutError(f"--engine verilator: {why}")
+        chiprtl.check_size(layers, plan)
         with progress.step("the whole chip's RTL (hdl/chip.py) from the via layers and the program"):
             top = ChipTop(chiprtl.build_spec(prog, layers, plan, seq))
         stats: dict = {}

@@ -186,3 +186,13 @@ def test_floorplan_is_to_scale_and_labelled(chips):
     die = next(c for c in lib.cells if c.name == "DIE")
     assert len([p for p in die.polygons if p.layer == 10]) == len(blocks)
     assert sorted(lb.text.rsplit(" ", 2)[0] for lb in die.labels) == sorted(names)
+
+
+def test_run_verilator_refuses_a_chip_too_large_for_the_rtl_path(chips, capsys, tmp_path, monkeypatch):
+    from tapeout.backends.maskrom import chiprtl
+    monkeypatch.setattr(chiprtl, "MAX_RTL_ROM_BITS", 1000)
+    monkeypatch.setattr("tapeout.hdl.sim.verilator_available", lambda: (True, "stub"))
+    ids = tmp_path / "p.npy"
+    np.save(ids, np.array([1]))
+    code, _, err = run_cli(capsys, "run", chips[FAMILIES[0]], "--tokens", ids, "--new-tokens", 2, "--engine", "verilator")
+    assert_one_line_error(code, err, "Mbit of word-line ROM", "--engine chip")

@@ -25,6 +25,23 @@ from . import rowfabric
 from .layers import extract
 
 ID = 1 << 24          # provenance encoding: storage * ID + index
+MAX_RTL_ROM_BITS = 1 << 24   # folded word-line ROM a Verilator build of ChipTop handles here (tiny: ~1 Mbit)
+
+
+def check_size(layers, plan) -> int:
+    """The folded ROM bits of the chip's linears; refuses a chip too large for the RTL path."""
+    from tapeout.hdl.rowserial import ROW_FORMATS, RowSpec
+    K, C = plan["chain_tiles"], plan["tile_cols"]
+    spec = RowSpec(ROW_FORMATS[plan["family"]], word_lines=plan["word_lines"], cols=C, unit=plan["unit"])
+    bits = 0
+    for (o, i), g in zip(layers.shapes, plan["group_of"]):
+        P = plan["chains"][g]
+        bits += P * K * (-(-o // P) * -(-i // (K * C))) * spec.word_bits
+    if bits > MAX_RTL_ROM_BITS:
+        raise TapeoutError(f"the whole-chip RTL of this chip folds {bits / 1e6:,.0f} Mbit of word-line ROM into its "
+                           f"Verilog, more than the {MAX_RTL_ROM_BITS / 1e6:.0f} Mbit it builds here; the RTL path "
+                           "runs the tiny models for now (docs/chip.md); use --engine chip")
+    return bits
 
 
 def _one(shape, a):
