@@ -23,7 +23,9 @@ demo: $(STAMP)
 	$(VENV)/bin/tapeout inspect $$(cat .cache/demo-model.txt)
 	$(VENV)/bin/tapeout compile $$(cat .cache/demo-model.txt) --target maskrom --format nvfp4 --gds-tiles all -o out/demo
 	$(VENV)/bin/tapeout estimate --hf-config backends/maskrom/configs/smollm2-135m.json --format nvfp4
-	@echo "results: out/demo/ (report.json, layers/, layout/tiles.gds, layout/die.png, manifest.json)"
+	$(PY) -c "import numpy; numpy.save('.cache/demo-prompt.npy', numpy.array([1, 2, 3, 4]))"
+	$(VENV)/bin/tapeout run out/demo --tokens .cache/demo-prompt.npy --new-tokens 8
+	@echo "results: out/demo/ (report.json, chip/sequencer.txt, layers/, layout/tiles.gds, layout/die.png, manifest.json)"
 
 # two xdist workers on two cores: one BLAS thread each (spinning BLAS threads oversubscribe)
 test: $(STAMP)
