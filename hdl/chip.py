@@ -1,5 +1,5 @@
 """The whole mask-ROM chip as one Amaranth design: embedding ROM, the row-serial linears, the
-vector units, attention over a KV cache in on-chip registers, argmax, and the sequencer that
+vector units, attention over a KV cache in on-chip memories, argmax, and the sequencer that
 runs them in order, one token at a time (spec: docs/chip.md, "The whole chip in RTL").
 
 ``ChipTop(spec)`` elaborates the micro-ops of ``backends.maskrom.chiprtl.build_spec``. The
@@ -9,16 +9,18 @@ protocol is as follows:
 - the edge after it finishes raises ``done`` for one cycle, with ``next_token`` (the argmax of
   the logits) and ``cycles`` (the token's cycles, start edge to done).
 
-Each micro-op is a state of the sequencer's FSM. It streams its operands (read from activation
-registers through address ROMs: the data movement of the program) into its unit, one element
-or block per cycle, and writes the unit's outputs back. Version 1 gives every micro-op its own
-unit and keeps every activation in registers. That is small enough for the tiny models. Sharing
-units and SRAM macros for large models is docs/chip.md's open item.
+Each micro-op is a state of the sequencer's FSM. It streams its operands into its unit, one
+element or block per cycle, and writes the unit's outputs back. The operands are read from the
+activation memories (one per tensor of the token) through address ROMs, which carry the
+program's data movement. Norm, activation, attention and MXINT units are shared by every
+micro-op of their shape. Each linear has its own row-serial tiles with a folded ROM, which is
+small enough for the tiny models. SRAM macros and the base-die tile view for large models are
+open items in docs/chip.md.
 """
 from __future__ import annotations
 
 import numpy as np
-from amaranth.hdl import Array, Const, Module, Mux, Signal, Value, signed, unsigned
+from amaranth.hdl import Array, Module, Mux, Signal, Value, signed, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out

@@ -493,18 +493,11 @@ def _sext(v: np.ndarray, bits: int) -> np.ndarray:
     return np.where(v >> (bits - 1) & 1, v - (1 << bits), v)
 
 
-def row_reference(img: RowImage, x, sh, emin) -> np.ndarray:
-    """y int64 [T, out] of the row-serial linear from its ROM image's word lines: each tile's
-    partial sum per word line, the chain sum over tiles and passes (modulo ``2**acc_bits``),
-    then ``hdl.reference.requantize``."""
-    from .reference import requantize
+def _decode_words(img: RowImage) -> tuple[np.ndarray, np.ndarray]:
+    """The word lines' cell values (code value, outlier slots added to their columns) and each
+    (chain, tile, slot, pass, unit)'s group scale ``m << e``."""
     spec, fmt, f = img.spec, img.spec.fmt, img.fields
-    x, sh, emin = (np.asarray(a, np.int64) for a in (x, sh, emin))
-    T, C, U, K, Q, S, P = x.shape[0], spec.cols, spec.unit, img.chain_tiles, img.passes, img.slots, img.chains
-    xp = np.zeros((T, Q * K * C), np.int64)
-    xp[:, :img.in_dim] = x
-    shp = np.zeros((T, Q * K * C // U), np.int64)
-    shp[:, :img.in_dim // U] = sh
+    C, U = spec.cols, spec.unit
     if fmt.multiply:
         w = _sext(f["code"], fmt.code_bits)
     else:
@@ -516,7 +509,24 @@ def row_reference(img: RowImage, x, sh, emin) -> np.ndarray:
         for j in range(fmt.slots):
             w[lines, scol[:, j]] += sval[:, j]
     gs = f["m"] << f["e"] if fmt.m_bits else np.int64(1) << f["e"]
-    gs = np.repeat(gs, spec.scale_span // U, axis=-1).reshape(P, K, S, Q, spec.units)
+    gs = np.repeat(gs, spec.scale_span // U, axis=-1).reshape(img.chains, img.chain_tiles, img.slots, img.passes,
+                                                               spec.units)
+    return w, gs
+
+
+def row_reference(img: RowImage, x, sh, emin) -> np.ndarray:
+    """y int64 [T, out] of the row-serial linear from its ROM image's word lines: each tile's
+    partial sum per word line, the chain sum over tiles and passes (modulo ``2**acc_bits``),
+    then ``hdl.reference.requantize``."""
+    from .reference import requantize
+    spec = img.spec
+    x, sh, emin = (np.asarray(a, np.int64) for a in (x, sh, emin))
+    T, C, U, K, Q, S, P = x.shape[0], spec.cols, spec.unit, img.chain_tiles, img.passes, img.slots, img.chains
+    xp = np.zeros((T, Q * K * C), np.int64)
+    xp[:, :img.in_dim] = x
+    shp = np.zeros((T, Q * K * C // U), np.int64)
+    shp[:, :img.in_dim // U] = sh
+    w, gs = _decode_words(img)
     # one tile, one word line, one unit: an exact float64 product (|w| <= 2**6, |x| <= 2**7 and at
     # most 64 terms stay far below 2**53), batched over (tile, pass, unit) for BLAS
     w = w.reshape(P, K, S, Q, spec.units, U).transpose(1, 3, 4, 0, 2, 5).reshape(K, Q, spec.units, P * S, U)
@@ -553,20 +563,9 @@ class RowDense:
 
 
 def row_dense(img: RowImage) -> RowDense:
-    spec, fmt, f = img.spec, img.spec.fmt, img.fields
+    spec = img.spec
     C, U, K, Q, S, P = spec.cols, spec.unit, img.chain_tiles, img.passes, img.slots, img.chains
-    if fmt.multiply:
-        w = _sext(f["code"], fmt.code_bits)
-    else:
-        w = np.array(fmt.values, np.int64)[f["code"]]
-    if fmt.slots:
-        sval = _sext(f["sval"], fmt.slot_bits).reshape(-1, fmt.slots)
-        scol = f["scol"].reshape(-1, fmt.slots)
-        w, lines = w.reshape(-1, C).copy(), np.arange(scol.shape[0])
-        for j in range(fmt.slots):
-            w[lines, scol[:, j]] += sval[:, j]
-    gs = f["m"] << f["e"] if fmt.m_bits else np.int64(1) << f["e"]
-    gs = np.repeat(gs, spec.scale_span // U, axis=-1).reshape(P, K, S, Q, spec.units)
+    w, gs = _decode_words(img)
     W = w.reshape(P, K, S, Q, spec.units, U) * gs[..., None]
     # output o = s * P + p; input i = (q * K + k) * C + unit * U + u
     W = W.transpose(2, 0, 3, 1, 4, 5).reshape(S * P, Q * K * C)[:img.out_dim, :img.in_dim]

@@ -62,12 +62,12 @@ class _Pipe(wiring.Component):
         m.d.comb += self.ready.eq(v)
 
 
-class ResidualAdd(_Pipe):
-    """y[i] = sat32(a[i] + b[i]) for ``lanes`` Q16 lanes."""
+class _Lanes2(_Pipe):
+    """y[i] = combine(a[i], b[i]) for ``lanes`` Q16 lanes, registered once."""
 
     LATENCY = 1
 
-    def __init__(self, lanes: int):
+    def __init__(self, lanes: int = 1):
         self.lanes = lanes
         super().__init__({"valid": In(1), "a": In(signed(32)).array(lanes), "b": In(signed(32)).array(lanes),
                           "ready": Out(1), "y": Out(signed(32)).array(lanes)})
@@ -75,9 +75,25 @@ class ResidualAdd(_Pipe):
     def elaborate(self, platform):
         m = Module()
         for i in range(self.lanes):
-            m.d.sync += self.y[i].eq(sat32(self.a[i] + self.b[i]))
+            m.d.sync += self.y[i].eq(self.combine(self.a[i], self.b[i]))
         self._valid_chain(m, 1)
         return m
+
+
+class ResidualAdd(_Lanes2):
+    """y[i] = sat32(a[i] + b[i]) for ``lanes`` Q16 lanes."""
+
+    @staticmethod
+    def combine(a, b):
+        return sat32(a + b)
+
+
+class MulQ16(_Lanes2):
+    """y = sat32(round(a * b / 2**16)) (golden's ``Mul`` on Q16 values), ``lanes`` lanes."""
+
+    @staticmethod
+    def combine(a, b):
+        return sat32(round_shift(a * b, Q16))
 
 
 def bit_length(m: Module, v, width: int, name: str):
@@ -700,22 +716,4 @@ class AttentionUnit(wiring.Component):
             with m.State("DONE"):
                 m.d.comb += self.ready.eq(1)
                 m.next = "LOAD"
-        return m
-
-
-class MulQ16(_Pipe):
-    """y = sat32(round(a * b / 2**16)) (golden's ``Mul`` on Q16 values), ``lanes`` lanes."""
-
-    LATENCY = 1
-
-    def __init__(self, lanes: int = 1):
-        self.lanes = lanes
-        super().__init__({"valid": In(1), "a": In(signed(32)).array(lanes), "b": In(signed(32)).array(lanes),
-                          "ready": Out(1), "y": Out(signed(32)).array(lanes)})
-
-    def elaborate(self, platform):
-        m = Module()
-        for i in range(self.lanes):
-            m.d.sync += self.y[i].eq(sat32(round_shift(self.a[i] * self.b[i], Q16)))
-        self._valid_chain(m, 1)
         return m

@@ -10,7 +10,6 @@ import shutil
 import numpy as np
 import pytest
 
-from _support import rehash
 from test_bad_input import assert_one_line_error, run_cli
 from tapeout.cli import main
 

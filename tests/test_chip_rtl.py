@@ -49,6 +49,7 @@ def test_sixteen_tokens_of_the_whole_chip_under_verilator(tiny, tmp_path, capsys
         pytest.skip(why)
     fam, exp, mask = case
     chip = _compile(tiny, tmp_path, fam, exp, mask)
+    capsys.readouterr()                                       # the compile's own output
     ids = tmp_path / "p.npy"
     np.save(ids, np.array([5]))                                # 1 + 15 positions: the whole context of 16
     res = {}

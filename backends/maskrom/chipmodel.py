@@ -27,7 +27,6 @@ import numpy as np
 
 from tapeout.backends import vector as vu
 from tapeout.compiler.errors import TapeoutError
-from tapeout.compiler.golden import fixed as fx
 from tapeout.compiler.golden.model import PLUMBING, Golden
 from tapeout.compiler.interp import run_op
 from tapeout.compiler.program import IntegerProgram

@@ -113,31 +113,31 @@ def plan_base(fmt: str, shapes: list[tuple[int, int]], summary: dict, context: i
 CHIP_CLOCK_HZ = 1e9        # the stated design clock of every technology table (docs/tech.md)
 
 
-def chip_sequencer(program: IntegerProgram, plan: dict, context: int, out) -> dict:
+def chip_sequencer(program: IntegerProgram, plan: dict, context: int, out):
     """Write ``chip/`` (sequencer JSON, listing, trace) when the model generates tokens; an
-    encoder or an export the chip cannot step token by token gets the reason instead."""
+    encoder or an export the chip cannot step token by token gets the reason instead.
+    Returns (the report's ``chip`` section, the sequencer or None)."""
     try:
         seq = sequencer.build(program, plan, context=context)
     except sequencer.ChipLoweringError as e:
-        return {"generates": False, "reason": str(e)}
+        return {"generates": False, "reason": str(e)}, None
     sequencer.write(seq, out, CHIP_CLOCK_HZ)
-    return {"generates": True, "clock_hz": CHIP_CLOCK_HZ, **sequencer.summary(seq, CHIP_CLOCK_HZ)}
+    return {"generates": True, "clock_hz": CHIP_CLOCK_HZ, **sequencer.summary(seq, CHIP_CLOCK_HZ)}, seq
 
 
 FLOORPLAN_TECH = "n5"      # the technology `tapeout estimate` assumes by default
 
 
-def die_floorplan(program: IntegerProgram, plan: dict, fmt: str, context: int) -> dict:
+def die_floorplan(program: IntegerProgram, plan: dict, fmt: str, context: int, seq=None) -> dict:
     """The die's floorplan from the row-serial estimate of this chip (docs/layout.md, "Floorplan")."""
     import gdstk
     from tapeout.backends.model_shape import shape_from_summary
     from . import floorplan
     from .rowchip import estimate_rowserial
     shape = shape_from_summary(program.summary, context=context)
-    tables = sequencer_tables(program)
-    if tables.get("learned_positions"):
+    if seq is not None and seq.learned_positions(program):     # the estimate's head adds pos_embed
         import dataclasses
-        shape = dataclasses.replace(shape, positions=tables["learned_positions"])
+        shape = dataclasses.replace(shape, positions=seq.learned_positions(program))
     est = estimate_rowserial(shape, fmt, FLOORPLAN_TECH, context=context)
     group_tiles: dict[str, int] = {}
     for g in dict.fromkeys(plan["group_of"]):
@@ -150,17 +150,6 @@ def die_floorplan(program: IntegerProgram, plan: dict, fmt: str, context: int) -
             "cell": floorplan.gds_cell(blocks, gdstk),
             "report": {"tech": FLOORPLAN_TECH, "side_mm": round(side, 4), "area_mm2": round(est["area_mm2"], 6),
                        "blocks": floorplan.table(blocks)}}
-
-
-def sequencer_tables(program: IntegerProgram) -> dict:
-    """Learned position embeddings among the position tables (they change the estimate's head)."""
-    try:
-        axis, tables, S = sequencer.analyse(program)
-    except sequencer.ChipLoweringError:
-        return {}
-    rope_tables = {t for op in program.ops if op.kind == "rope" for t in op.inputs[1:3]}
-    learned = [t for t in tables if t not in rope_tables]
-    return {"learned_positions": S if learned else 0}
 
 
 def check_gds_tiles(base: BaseDie, tiles: list[int] | None) -> None:
@@ -192,7 +181,7 @@ def compile_maskrom(program: IntegerProgram, out, *, base_name: str | None = Non
         stimulus, pairs = write_stimulus(program, layers, out)
     plan = rowfabric.chip_plan(layers)
     with step("sequencer: the token program of the whole chip (chip/)"):
-        chip = chip_sequencer(program, plan, context, out)
+        chip, seq = chip_sequencer(program, plan, context, out)
     rows = {"values_checked": 0, "equal": None}
     outputs_equal, checked = True, 0
     if verify == "full":
@@ -219,7 +208,7 @@ def compile_maskrom(program: IntegerProgram, out, *, base_name: str | None = Non
     used = layers.index()["tiles_used"]
     tiles = list(range(used)) if gds_tiles is None else gds_tiles
     with step(f"GDS of {len(tiles)} tile(s) and PNG renderings"):
-        fp = die_floorplan(program, plan, fmt, chip.get("context", context))
+        fp = die_floorplan(program, plan, fmt, chip.get("context", context), seq)
         vias_drawn = write_gds(layers, tiles, out.path("layout/tiles.gds"), extra=[fp["cell"]])
         out.write_bytes("layout/die.png", fp["png"])
         out.write_bytes("layout/die.svg", fp["svg"])

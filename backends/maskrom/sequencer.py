@@ -82,6 +82,11 @@ class Sequencer:
     lm_head: str | None                # the logits tensor
     kv_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)   # attention -> (kv heads, head dim)
 
+    def learned_positions(self, prog: IntegerProgram) -> int:
+        """Rows of a learned position embedding (position tables that no rope reads), else 0."""
+        rope = {t for op in prog.ops if op.kind == "rope" for t in op.inputs[1:3]}
+        return self.seq_len if any(t not in rope for t in self.tables) else 0
+
     def cycles_at(self, position: int) -> int:
         """Cycles of the token at ``position`` (it attends ``position + 1`` keys)."""
         ppc = self.arch["attn_positions_per_cycle"]
@@ -295,7 +300,7 @@ def build(prog: IntegerProgram, plan: dict, *, context: int | None = None, arch:
     roles = dict(prog.roles)
     group_of_linear = {n: (roles.get(n, n).rpartition(".")[0] or roles.get(n, n)) for n in prog.linears}
     lin_index = {n: i for i, n in enumerate(op.name for op in prog.ops if op.kind == "linear")}
-    ops = [op for op in prog.ops]
+    ops = prog.ops
     # the group of a non-linear op: norms take their consumer linear's, the rest the previous linear's
     consumers: dict[str, list] = {}
     for op in ops:
@@ -316,20 +321,25 @@ def build(prog: IntegerProgram, plan: dict, *, context: int | None = None, arch:
     instrs: list[Instr] = []
     attn: list[str] = []
     kv: dict[str, tuple[int, int]] = {}
-    last_group, counts = "head", {}
+    last_group = "head"
     lanes = a["vector_lanes"]
     logits = prog.interface.logits
 
-    def add(unit, stage, group, op, width, cycles, per_key=False, merge=False):
-        if merge and instrs and instrs[-1].unit == unit and instrs[-1].stage == stage and instrs[-1].group == group:
-            prev = instrs[-1]
+    def add(unit, stage, group, op, width, cost, *, per_key=False, join=False):
+        """A new instruction of ``cost(width)`` cycles, or with ``join`` this op added to the
+        previous instruction of the same unit, stage and group (one stage: q/k/v, gate/up, the
+        ropes of q and k), its cycles recomputed for the joined width."""
+        prev = instrs[-1] if instrs else None
+        if join and prev and (prev.unit, prev.stage, prev.group) == (unit, stage, group):
             prev.ops.append(op.name)
             prev.kinds.append(op.kind)
-            return prev
-        n = counts.setdefault((group, stage), 0) + 1
-        counts[(group, stage)] = n
-        instrs.append(Instr(len(instrs), unit, stage, group, [op.name], [op.kind], width, cycles, per_key))
-        return instrs[-1]
+            prev.width += width
+            prev.cycles = cost(prev.width)
+            return
+        instrs.append(Instr(len(instrs), unit, stage, group, [op.name], [op.kind], width, cost(width), per_key))
+
+    def vec(lat):
+        return lambda n: vector_cycles(n, a[lat], lanes)
 
     stage_in: dict[tuple[str, str], str] = {}
     for op in ops:
@@ -341,7 +351,8 @@ def build(prog: IntegerProgram, plan: dict, *, context: int | None = None, arch:
                                   and axis.get(op.inputs[0]) is None and axis.get(op.inputs[1]) is not None):
             continue                                   # addressing
         if k == "Gather":
-            add("embed", "embed" if op.inputs[1] == prog.interface.tokens else "table", "head", op, _width(prog, outs[0], axis[outs[0]]), a["lat_embed"])
+            stage = "embed" if op.inputs[1] == prog.interface.tokens else "table"
+            add("embed", stage, "head", op, _width(prog, outs[0], axis[outs[0]]), lambda n: a["lat_embed"])
             continue
         if k == "linear":
             grp = group_of_linear[op.name]
@@ -350,20 +361,11 @@ def build(prog: IntegerProgram, plan: dict, *, context: int | None = None, arch:
             stage = STAGE_OF.get(role, role)
             name = {"qkv": "qkv_proj", "o": "o_proj"}.get(stage, stage)
             rows, cols = prog.linears[op.name].codes.shape
-            key = (grp, name)
             P = plan["chains"][plan["group_of"][lin_index[op.name]]]
-            prev = instrs[-1] if instrs else None
-            if prev and prev.unit == "fabric" and prev.group == grp and prev.stage == name \
-                    and stage_in.get(key) == op.inputs[0]:
-                prev.ops.append(op.name)
-                prev.kinds.append(k)
-                prev.width += rows
-                prev.cycles = stage_cycles(prev.width, cols, chains=P, chain_tiles=plan["chain_tiles"],
-                                           cols=plan["tile_cols"])
-            else:
-                stage_in[key] = op.inputs[0]
-                add("fabric", name, grp, op, rows, stage_cycles(rows, cols, chains=P, chain_tiles=plan["chain_tiles"],
-                                                                cols=plan["tile_cols"]))
+            same_input = stage_in.get((grp, name)) == op.inputs[0]    # linears of one stage read one input
+            stage_in[(grp, name)] = op.inputs[0]
+            add("fabric", name, grp, op, rows, lambda n, c=cols, P=P: stage_cycles(
+                n, c, chains=P, chain_tiles=plan["chain_tiles"], cols=plan["tile_cols"]), join=same_input)
             last_group = grp
             continue
         width = _width(prog, outs[0], axis[outs[0]])
@@ -371,36 +373,23 @@ def build(prog: IntegerProgram, plan: dict, *, context: int | None = None, arch:
             attn.append(op.name)
             kshape = g.tensors[op.inputs[1]].shape
             kv[op.name] = (int(kshape[1]), int(kshape[-1]))
-            add("attention", "attention", last_group, op, width, attention_cycles(0, width, a), per_key=True)
-            continue
-        if k in ("rmsnorm", "layernorm"):
+            add("attention", "attention", last_group, op, width, lambda n: attention_cycles(0, n, a), per_key=True)
+        elif k in ("rmsnorm", "layernorm"):
             grp = forward_group(op) or last_group
             grp = grp if LAYER_GROUP.match(grp) else "head"
             n = sum(1 for i in instrs if i.group == grp and i.stage.startswith("norm"))
-            stage = f"norm_{n + 1}" if grp != "head" else "final_norm"
-            add("vector", stage, grp, op, width, vector_cycles(width, a["lat_norm"], lanes))
-            continue
-        if k == "rope":
-            prev = instrs[-1] if instrs else None
-            if prev and prev.stage == "rope" and prev.group == last_group:
-                prev.ops.append(op.name)
-                prev.kinds.append(k)
-                prev.width += width
-                prev.cycles = vector_cycles(prev.width, a["lat_rope"], lanes)
-            else:
-                add("vector", "rope", last_group, op, width, vector_cycles(width, a["lat_rope"], lanes))
-            continue
-        if k in ("gated_mlp", "silu", "gelu"):
-            add("vector", "act", last_group, op, width, vector_cycles(width, a["lat_act"], lanes))
-            continue
-        if k in ("Add", "Sub", "Mul", "Neg"):
+            add("vector", f"norm_{n + 1}" if grp != "head" else "final_norm", grp, op, width, vec("lat_norm"))
+        elif k == "rope":
+            add("vector", "rope", last_group, op, width, vec("lat_rope"), join=True)
+        elif k in ("gated_mlp", "silu", "gelu"):
+            add("vector", "act", last_group, op, width, vec("lat_act"))
+        elif k in ("Add", "Sub", "Mul", "Neg"):
             if last_group == "head" and not attn:
-                add("vector", "pos_embed", "head", op, width, vector_cycles(width, a["lat_residual"], lanes))
-                continue
-            n = sum(1 for i in instrs if i.group == last_group and i.stage.startswith("residual"))
-            add("vector", f"residual_{n + 1}", last_group, op, width, vector_cycles(width, a["lat_residual"], lanes))
-            continue
-        if k in KERNELS:
+                add("vector", "pos_embed", "head", op, width, vec("lat_residual"))
+            else:
+                n = sum(1 for i in instrs if i.group == last_group and i.stage.startswith("residual"))
+                add("vector", f"residual_{n + 1}", last_group, op, width, vec("lat_residual"))
+        elif k in KERNELS:
             raise ChipLoweringError(f"the sequencer has no unit for {k}", node=op.name, op=k)
     if logits is None or axis.get(logits) is None:
         raise ChipLoweringError("the chip needs the logits output to pick the next token")
