@@ -137,29 +137,41 @@ class _Accumulator:
         self.sums: dict[str, np.ndarray] = {}
         self.hs: dict[str, np.ndarray] = {}
 
-    def prepare(self, name: str, value: np.ndarray) -> np.ndarray | None:
-        if name not in self.wanted or not self.hessian:
+    def prepare(self, name: str, value: np.ndarray) -> tuple | None:
+        """One window's sum of x^2 per feature (float64) and x^T x (float32): the per-window
+        work, done on the worker threads; ``keep`` only adds it up, in window order."""
+        if name not in self.wanted:
             return None
+        x64 = np.asarray(value, np.float64).reshape(-1, value.shape[-1])
+        sq = np.sum(x64 * x64, axis=0)
+        if not self.hessian:
+            return sq, None
         x = np.asarray(value, np.float32).reshape(-1, value.shape[-1])
-        return x.T @ x
+        return sq, x.T @ x
 
-    def keep(self, name: str, value: np.ndarray, gram: np.ndarray | None = None) -> None:
+    def keep(self, name: str, value: np.ndarray, prepared: tuple | None = None) -> None:
         if name not in self.wanted:
             return
-        x = np.asarray(value, np.float64).reshape(-1, value.shape[-1])
-        self.sums[name] = self.sums.get(name, 0) + np.sum(x * x, axis=0)
-        if self.hessian:
-            if gram is None:
-                gram = self.prepare(name, value)
+        sq, gram = prepared if prepared is not None else self.prepare(name, value)
+        if name in self.sums:
+            self.sums[name] += sq
+        else:
+            self.sums[name] = sq
+        if gram is not None:
             if name not in self.hs:
                 self.hs[name] = np.zeros(gram.shape)
             self.hs[name] += gram
 
     def stats(self, count: int) -> CalibStats:
+        """The means (the sums divided in place: the Hessians of a 135M model are ~800 MB)."""
         stats = CalibStats()
         stats.tokens = count
-        stats.act_sq = {k: v / count for k, v in self.sums.items()}
-        stats.hessian = {k: v / count for k, v in self.hs.items()}
+        for v in self.sums.values():
+            v /= count
+        for v in self.hs.values():
+            v /= count
+        stats.act_sq, stats.hessian = self.sums, self.hs
+        self.sums, self.hs = {}, {}
         return stats
 
 
@@ -411,6 +423,11 @@ def quantize_model(graph: Graph, config: QuantConfig, stats: CalibStats | None =
                         factors[op.inputs[0]] = HessianFactor(stats.hessian[op.inputs[0]], damp=config.damp)
                     kwargs.update(hessian=factors[op.inputs[0]], gptq=True)
         jobs.append((w, fmt, {k: v for k, v in kwargs.items() if v is not None}))
+    if factors and sum(w.size for w, _, _ in jobs) >= PROCESS_WEIGHTS:
+        # factor the shared Hessians once, here (LAPACK runs on threads), before the forked
+        # workers would each factor the ones their jobs read
+        with ThreadPoolExecutor(WORKERS) as pool:
+            list(pool.map(HessianFactor.get, factors.values()))
     weights = {}
     with _quantise_pool(jobs) as pool:
         futures = {i: pool.submit(_quantise_job, i)
