@@ -423,10 +423,8 @@ def quantize_model(graph: Graph, config: QuantConfig, stats: CalibStats | None =
                         factors[op.inputs[0]] = HessianFactor(stats.hessian[op.inputs[0]], damp=config.damp)
                     kwargs.update(hessian=factors[op.inputs[0]], gptq=True)
         jobs.append((w, fmt, {k: v for k, v in kwargs.items() if v is not None}))
-    if factors and sum(w.size for w, _, _ in jobs) >= PROCESS_WEIGHTS:
-        # factor the shared Hessians once, here (LAPACK runs on threads), before the forked
-        # workers would each factor the ones their jobs read
-        with ThreadPoolExecutor(WORKERS) as pool:
+    if factors:     # each shared Hessian factored once, on threads, before forked workers
+        with ThreadPoolExecutor(WORKERS) as pool:   # would each factor the ones they read
             list(pool.map(HessianFactor.get, factors.values()))
     weights = {}
     with _quantise_pool(jobs) as pool:
