@@ -325,22 +325,29 @@ class QuantizedModel:
         return copy.deepcopy(self._cache["report"])
 
     def _report(self) -> dict:
+        from concurrent.futures import ThreadPoolExecutor
         rows, total_bits, total_w, body_bits, body_w = [], 0, 0, 0, 0
-        for name, qt in self.weights.items():
+
+        def row_of(item) -> dict:        # float64 error norms: on threads (numpy releases the GIL)
+            name, qt = item
             w = np.asarray(weight_matrix(self.graph, self.graph.op(name)), np.float64)
             err = qt.dequantize().astype(np.float64) - w
             bits = int(qt.bits()["total"])
-            row = {"op": name, "role": self.roles.get(name, "other"), "format": qt.fmt,
-                   "shape": list(qt.shape), "group_size": qt.group_size, "bits": bits,
-                   "bits_per_weight": round(bits / w.size, 4),
-                   "outlier_fraction": round(float(qt.outliers.mean()), 6) if qt.outliers is not None else 0.0,
-                   "rel_error": float(np.linalg.norm(err) / max(np.linalg.norm(w), 1e-30))}
-            rows.append(row)
-            total_bits += bits
-            total_w += w.size
-            if row["role"] != "lm_head":
-                body_bits += bits
-                body_w += w.size
+            return {"op": name, "role": self.roles.get(name, "other"), "format": qt.fmt,
+                    "shape": list(qt.shape), "group_size": qt.group_size, "bits": bits,
+                    "bits_per_weight": round(bits / w.size, 4),
+                    "outlier_fraction": round(float(qt.outliers.mean()), 6) if qt.outliers is not None else 0.0,
+                    "rel_error": float(np.linalg.norm(err) / max(np.linalg.norm(w), 1e-30))}
+
+        with ThreadPoolExecutor(WORKERS) as pool:
+            for row in pool.map(row_of, self.weights.items()):
+                rows.append(row)
+                n = int(np.prod(row["shape"]))
+                total_bits += row["bits"]
+                total_w += n
+                if row["role"] != "lm_head":
+                    body_bits += row["bits"]
+                    body_w += n
         return {"format": self.config.fmt, "group_size": self.config.group_size,
                 "outlier_frac": self.config.outlier_frac if self.config.fmt == "w3o6" else None,
                 "head_format": self.config.fmt if self.config.quantize_head else self.config.head_format,
