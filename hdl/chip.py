@@ -20,51 +20,55 @@ open items in docs/chip.md.
 from __future__ import annotations
 
 import numpy as np
-from amaranth.hdl import Array, Module, Mux, Signal, Value, signed, unsigned
+from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from .rowserial import RowSerialLinear
-from .vector import Activation, AttentionUnit, MulQ16, MxQuant, NormUnit, ResidualAdd, RopeLane
+from .timing import attention_block
+from .vector import (INT32_MIN, Activation, ArgmaxTree, AttentionEngine, MulQ16, MxQuant, NormUnit, ResidualAdd,
+                     RopeLane)
 
 __all__ = ["ChipTop"]
 
 
-def _rom_comb(m: Module, name: str, values):
-    """A ROM of unsigned words read combinationally (address maps): returns the read port."""
-    values = [int(v) for v in np.asarray(values).reshape(-1)]
-    width = max(1, max(values, default=0).bit_length())
-    mem = Memory(shape=unsigned(width), depth=max(len(values), 2), init=values + [0] * max(0, 2 - len(values)))
-    m.submodules[name] = mem
-    return mem.read_port(domain="comb")
-
-
-def _rom(m: Module, name: str, values, shape):
-    """A ROM (Memory with one synchronous read port): returns the port (addr -> data next cycle)."""
-    values = [int(v) for v in np.asarray(values).reshape(-1)]
-    mem = Memory(shape=shape, depth=max(len(values), 2), init=values + [0] * (2 - len(values)) if len(values) < 2 else values)
+def _rom_wide(m: Module, name: str, rows, width: int):
+    """A ROM of words that pack a row of ``width``-bit values each (lane k at bits
+    k*width..), one synchronous read port: returns it (addr -> the row next cycle)."""
+    rows = np.asarray(rows, np.int64)
+    mask = (1 << width) - 1
+    words = [sum((int(v) & mask) << (width * k) for k, v in enumerate(r)) for r in rows]
+    words += [0] * max(0, 2 - len(words))
+    mem = Memory(shape=unsigned(width * rows.shape[1]), depth=len(words), init=words)
     m.submodules[name] = mem
     return mem.read_port()
 
 
+def _lane(word, k: int, width: int):
+    return word[k * width:(k + 1) * width].as_signed()
+
+
 class _Store:
-    """One activation tensor of a token: a memory of Q16 words, comb read ports made on demand."""
+    """One activation tensor of a token: ``n`` Q16 registers. Every element's place in each
+    micro-op's chunks is static, so reads are wires (or a mux over the micro-op's steps) and
+    writes go to fixed registers."""
 
     def __init__(self, m: Module, name: str, n: int):
-        self.m, self.n = m, n
-        self.mem = Memory(shape=signed(32), depth=max(n, 2), init=[])
-        m.submodules[name] = self.mem
+        self.n = n
+        self.regs = [Signal(signed(32), name=f"{name}_{k}") for k in range(n)]
 
-    def read(self, addr):
-        rp = self.mem.read_port(domain="comb")
-        self.m.d.comb += rp.addr.eq(addr)
-        return rp.data
-
-    def writer(self):
-        wp = self.mem.write_port()
-        self.m.d.comb += [wp.en.eq(0), wp.addr.eq(0), wp.data.eq(0)]
-        return wp
+    def write(self, m: Module, step, L: int, values, count: int | None = None):
+        """Lane k of chunk ``step`` (a signal) is element step*L + k: a sync write of ``values``."""
+        count = self.n if count is None else count
+        st = -(-count // L)
+        if st == 1:
+            m.d.sync += [self.regs[k].eq(values[k]) for k in range(min(L, count))]
+            return
+        with m.Switch(step):
+            for c in range(st):
+                with m.Case(c):
+                    m.d.sync += [self.regs[c * L + k].eq(values[k]) for k in range(L) if c * L + k < count]
 
 
 class ChipTop(wiring.Component):
@@ -72,6 +76,8 @@ class ChipTop(wiring.Component):
         self.spec = spec
         vocab, ctx = spec["vocab"], spec["context"]
         self.vocab, self.context = vocab, ctx
+        self.L = int(spec.get("lanes", 1))
+        self.P = int(spec.get("positions", 1))
         super().__init__({"start": In(1), "token": In(unsigned(max(1, (vocab - 1).bit_length()))),
                           "done": Out(1), "next_token": Out(unsigned(max(1, (vocab - 1).bit_length()))),
                           "cycles": Out(unsigned(32)), "position": Out(unsigned(16))})
@@ -87,35 +93,25 @@ class ChipTop(wiring.Component):
         running = Signal()
         with m.If(running):
             m.d.sync += cyc.eq(cyc + 1)
-        roms = [0]
 
-        def read(operand, at):
-            """Element ``at`` (a signal or an int) of an operand: its storage's word, through
-            the operand's address map (a ROM unless it is the identity)."""
+        def read(operand, elems, at=None):
+            """The word of an operand's element: ``elems`` is the element read at each step (a
+            list; ``None`` reads 0), ``at`` the step signal. One step: a wire. Several: a mux
+            over the steps."""
             sid, idx = operand
             idx = np.asarray(idx)
-            if not isinstance(sid, int):                  # several storages: one read per storage, a select
-                sids = np.asarray(sid)
-                if isinstance(at, int):
-                    return S[int(sids[at])].read(int(idx[at]))
-                roms[0] += 1
-                which = sorted(set(int(v) for v in sids))
-                sel = _rom_comb(m, f"sel{roms[0]}", [which.index(int(v)) for v in sids])
-                adr = _rom_comb(m, f"adr{roms[0]}", idx)
-                m.d.comb += [sel.addr.eq(at), adr.addr.eq(at)]
-                out = S[which[0]].read(adr.data)
-                for k, w in enumerate(which[1:], 1):
-                    out = Mux(sel.data == k, S[w].read(adr.data), out)
-                return out
-            if isinstance(at, int):
-                return S[sid].read(int(idx[at]))
-            if np.array_equal(idx, np.arange(len(idx))):
-                return S[sid].read(at)
-            roms[0] += 1
-            rp = _rom_comb(m, f"map{roms[0]}", idx)
-            m.d.comb += rp.addr.eq(at)
-            return S[sid].read(rp.data)
+            multi = not isinstance(sid, int)
+            sids = np.asarray(sid) if multi else None
 
+            def word(e):
+                if e is None:
+                    return Const(0, signed(32))
+                return S[int(sids[e]) if multi else sid].regs[int(idx[e])]
+            if len(elems) == 1 or at is None:
+                return word(elems[0])
+            return Array([word(e) for e in elems])[at]
+
+        self.read = read
         ops = spec["ops"]
         self._shared_units(m, ops)
         with m.FSM():
@@ -134,12 +130,21 @@ class ChipTop(wiring.Component):
                 m.next = "IDLE"
         return m
 
+    def lanes(self, count: int) -> int:
+        return max(1, min(self.L, count))
+
+    @staticmethod
+    def chunks(count: int, L: int) -> list[list[int | None]]:
+        """elems[lane][step]: the element lane ``lane`` handles at each step (None: padding)."""
+        st = -(-count // L)
+        return [[s * L + k if s * L + k < count else None for s in range(st)] for k in range(L)]
+
     # --- shared units ---------------------------------------------------------------------
     def _shared_units(self, m, ops):
         """One unit per kind and shape, shared by every micro-op that uses it (one runs at a
         time): norms of one width and kind (each op's gains, bias and eps are its rows of the
-        unit's ROMs, picked by ``sel``), activations of one kind, attention of one head size
-        and scale, MXINT quantisers of one block size."""
+        unit's ROMs, picked by ``sel``), activations of one kind, attention engines of one
+        shape (one per op: each holds its layer's KV cache), MXINT quantisers of one block size."""
         self.units, self.sel = {}, {}
         norms: dict = {}
         for n, op in enumerate(ops):
@@ -150,7 +155,7 @@ class ChipTop(wiring.Component):
             rows = [ops[n] for n in members]
             unit = NormUnit(key[1], np.stack([r["gain"] for r in rows]),
                             None if key[3] else np.stack([r["bias"] for r in rows]),
-                            eps=[r["eps"] for r in rows], kind=key[2])
+                            eps=[r["eps"] for r in rows], kind=key[2], lanes=self.lanes(key[1]))
             self._add_unit(m, key, unit)
             for k, n in enumerate(members):
                 self.sel[n] = k
@@ -166,6 +171,11 @@ class ChipTop(wiring.Component):
     def _unit(self, m, key, make):
         return self.units[key] if key in self.units else self._add_unit(m, key, make())
 
+    def _mx(self, m, B, bits):
+        """``max(1, lanes // B)`` MXINT quantisers of block B, shared by the linears and attention."""
+        q = max(1, self.L // B)
+        return [self._unit(m, ("mx", B, bits, u), lambda: MxQuant(B, bits)) for u in range(q)]
+
     # --- micro-ops --------------------------------------------------------------------------
     @staticmethod
     def _reset(m, i, o, j):
@@ -174,78 +184,92 @@ class ChipTop(wiring.Component):
     def _embed(self, m, n, op, nxt, S, read, token, pos, i, o, j):
         table = op["table"]
         V, F = table.shape
-        rp = _rom(m, f"embed{n}", table, signed(32))
-        wp = S[op["dst"]].writer()
+        L = self.lanes(F)
+        st = -(-F // L)
+        pad = np.zeros((V, st * L), np.int64)
+        pad[:, :F] = table
+        rp = _rom_wide(m, f"embed{n}", pad.reshape(V * st, L), 32)
         with m.State(f"op{n}"):
-            m.d.comb += rp.addr.eq(token * F + i)
+            m.d.comb += rp.addr.eq(token * st + i)
             m.d.sync += i.eq(i + 1)
             with m.If(i > 0):
-                m.d.comb += [wp.en.eq(1), wp.addr.eq(i - 1), wp.data.eq(rp.data)]
-            with m.If(i == F):
+                S[op["dst"]].write(m, i - 1, L, [_lane(rp.data, k, 32) for k in range(L)], F)
+            with m.If(i == st):
                 self._reset(m, i, o, j)
                 m.next = nxt
 
-    def _stream(self, m, n, unit, count, feed, nxt, dst, i, o, j, lag: int = 0):
-        """Issue ``count`` operand sets (``feed(i)`` drives the unit's data ports, ``lag``
-        cycles ahead of ``valid``) and write every output to ``dst[o]``."""
-        wp = dst.writer()
-        with m.State(f"op{n}"):
-            feed(i)
-            v = Signal(name=f"v{n}")
-            m.d.comb += v.eq(i < count)
-            for k in range(lag):
-                d = Signal(name=f"v{n}_d{k}")
-                m.d.sync += d.eq(v)
-                v = d
-            m.d.comb += unit.valid.eq(v)
-            m.d.sync += i.eq(Mux(i < count, i + 1, i))
-            with m.If(unit.ready):
-                y = unit.y if isinstance(unit.y, Value) else unit.y[0]      # a scalar port, or lane 0
-                m.d.comb += [wp.en.eq(1), wp.addr.eq(o), wp.data.eq(y)]
-                m.d.sync += o.eq(o + 1)
-                with m.If(o == count - 1):
-                    self._reset(m, i, o, j)
-                    m.next = nxt
+    def _stream(self, m, n, ready, ys, count, L, nxt, dst, i, o, j, valids, lag: int = 0):
+        """Issue ``ceil(count / L)`` chunks (the caller's feed drives the units' data ports
+        with chunk ``i``, ``lag`` cycles ahead of ``valid``) and write every output chunk to
+        ``dst`` (lane k of chunk o is element o*L + k)."""
+        st = -(-count // L)
+        v = Signal(name=f"v{n}")
+        m.d.comb += v.eq(i < st)
+        for k in range(lag):
+            d = Signal(name=f"v{n}_d{k}")
+            m.d.sync += d.eq(v)
+            v = d
+        for valid in valids:
+            m.d.comb += valid.eq(v)
+        m.d.sync += i.eq(Mux(i < st, i + 1, i))
+        with m.If(ready):
+            dst.write(m, o, L, ys, count)
+            m.d.sync += o.eq(o + 1)
+            with m.If(o == st - 1):
+                self._reset(m, i, o, j)
+                m.next = nxt
 
     def _norm(self, m, n, op, nxt, S, read, token, pos, i, o, j):
         d = len(op["src"][1])
         unit = self.units[("norm", d, op["norm"], op["bias"] is None)]
-
-        def feed(at):
-            m.d.comb += unit.x.eq(read(op["src"], at))
+        L = unit.lanes
+        with m.State(f"op{n}"):
+            for k, elems in enumerate(self.chunks(d, L)):
+                m.d.comb += unit.x[k].eq(read(op["src"], elems, i))
             if unit.ops > 1:
                 m.d.comb += unit.sel.eq(self.sel[n])
-        self._stream(m, n, unit, d, feed, nxt, S[op["dst"]], i, o, j)
+            self._stream(m, n, unit.ready, list(unit.y), d, L, nxt, S[op["dst"]], i, o, j, [unit.valid])
 
     def _act(self, m, n, op, nxt, S, read, token, pos, i, o, j):
         cnt = len(op["x"][1])
         gated = op["up"] is not None
-        unit = self._unit(m, ("act", op["act"], gated), lambda: Activation(op["act"], gated=gated))
-
-        def feed(at):
-            m.d.comb += unit.x.eq(read(op["x"], at))
-            if op["up"] is not None:
-                m.d.comb += unit.up.eq(read(op["up"], at))
-        self._stream(m, n, unit, cnt, feed, nxt, S[op["dst"]], i, o, j)
+        L = self.lanes(cnt)
+        units = [self._unit(m, ("act", op["act"], gated, k), lambda: Activation(op["act"], gated=gated))
+                 for k in range(L)]
+        with m.State(f"op{n}"):
+            for k, elems in enumerate(self.chunks(cnt, L)):
+                m.d.comb += units[k].x.eq(read(op["x"], elems, i))
+                if gated:
+                    m.d.comb += units[k].up.eq(read(op["up"], elems, i))
+            self._stream(m, n, units[0].ready, [u.y for u in units], cnt, L, nxt, S[op["dst"]], i, o, j,
+                         [u.valid for u in units])
 
     def _add(self, m, n, op, nxt, S, read, token, pos, i, o, j, kind="add"):
         cnt = len(op["a"][1])
-        unit = m.submodules[f"{kind}{n}"] = MulQ16(1) if kind == "mul" else ResidualAdd(1)
+        L = self.lanes(cnt)
+        st = -(-cnt // L)
+        unit = m.submodules[f"{kind}{n}"] = MulQ16(L) if kind == "mul" else ResidualAdd(L)
         m.d.comb += unit.valid.eq(0)
         rows = op["rows"]
-        rp = None if rows is None else _rom(m, f"rows{n}", rows, signed(32))
-
-        def feed(at):
-            a = read(op["a"], at)
+        rp = None
+        if rows is not None:
+            pad = np.zeros((rows.shape[0], st * L), np.int64)
+            pad[:, :cnt] = rows
+            rp = _rom_wide(m, f"rows{n}", pad.reshape(-1, L), 32)
+        with m.State(f"op{n}"):
             if rp is not None:
-                m.d.comb += rp.addr.eq((pos if rows.shape[0] > 1 else 0) * cnt + at)
-                ad = Signal(signed(32), name=f"a{n}_d")
-                m.d.sync += ad.eq(a)
-                a, b = ad, rp.data
-            else:
-                b = read(op["b"], at)
-            m.d.comb += [unit.a[0].eq(a), unit.b[0].eq(-b if kind == "sub" else b)]
-        self._stream(m, n, unit, cnt, feed, nxt, S[op["dst"]], i, o, j, lag=0 if rp is None else 1)
+                m.d.comb += rp.addr.eq((pos if rows.shape[0] > 1 else 0) * st + i)
+            for k, elems in enumerate(self.chunks(cnt, L)):
+                a = read(op["a"], elems, i)
+                if rp is not None:
+                    ad = Signal(signed(32), name=f"a{n}_{k}_d")
+                    m.d.sync += ad.eq(a)
+                    a, b = ad, _lane(rp.data, k, 32)
+                else:
+                    b = read(op["b"], elems, i)
+                m.d.comb += [unit.a[k].eq(a), unit.b[k].eq(-b if kind == "sub" else b)]
+            self._stream(m, n, unit.ready, list(unit.y), cnt, L, nxt, S[op["dst"]], i, o, j, [unit.valid],
+                         lag=0 if rp is None else 1)
 
     def _sub(self, *a):
         return self._add(*a, kind="sub")
@@ -255,158 +279,200 @@ class ChipTop(wiring.Component):
 
     def _rope(self, m, n, op, nxt, S, read, token, pos, i, o, j):
         cnt = len(op["x"][1])
-        unit = m.submodules[f"rope{n}"] = RopeLane(1)
+        L = self.lanes(cnt)
+        st = -(-cnt // L)
+        unit = m.submodules[f"rope{n}"] = RopeLane(L)
         m.d.comb += unit.valid.eq(0)
-        cp = _rom(m, f"cos{n}", op["cos"], signed(32))
-        sp = _rom(m, f"sin{n}", op["sin"], signed(32))
-        sg = _rom_comb(m, f"sign{n}", (np.asarray(op["sign"]) < 0).astype(np.int64))
 
-        def feed(at):
-            m.d.comb += [cp.addr.eq(pos * cnt + at), sp.addr.eq(pos * cnt + at), sg.addr.eq(at)]
-            x, r = Signal(signed(32), name=f"rx{n}"), Signal(signed(33), name=f"rr{n}")
-            p = read(op["partner"], at)
-            m.d.sync += [x.eq(read(op["x"], at)), r.eq(Mux(sg.data[0], -p, p))]
-            m.d.comb += [unit.x[0].eq(x), unit.r[0].eq(r), unit.c[0].eq(cp.data), unit.s[0].eq(sp.data)]
-        self._stream(m, n, unit, cnt, feed, nxt, S[op["dst"]], i, o, j, lag=1)
+        def wide(rows):
+            pad = np.zeros((rows.shape[0], st * L), np.int64)
+            pad[:, :cnt] = rows
+            return pad.reshape(-1, L)
+        cp = _rom_wide(m, f"cos{n}", wide(op["cos"]), 32)
+        sp = _rom_wide(m, f"sin{n}", wide(op["sin"]), 32)
+        neg = wide((np.asarray(op["sign"]) < 0).astype(np.int64)[None])
+        with m.State(f"op{n}"):
+            m.d.comb += [cp.addr.eq(pos * st + i), sp.addr.eq(pos * st + i)]
+            for k, elems in enumerate(self.chunks(cnt, L)):
+                x, r = Signal(signed(32), name=f"rx{n}_{k}"), Signal(signed(33), name=f"rr{n}_{k}")
+                p = read(op["partner"], elems, i)
+                if st == 1:
+                    sg = int(neg[0, k])
+                    m.d.sync += r.eq(-p if sg else p)
+                else:
+                    m.d.sync += r.eq(Mux(Array([Const(int(v), 1) for v in neg[:, k]])[i], -p, p))
+                m.d.sync += x.eq(read(op["x"], elems, i))
+                m.d.comb += [unit.x[k].eq(x), unit.r[k].eq(r), unit.c[k].eq(_lane(cp.data, k, 32)),
+                             unit.s[k].eq(_lane(sp.data, k, 32))]
+            self._stream(m, n, unit.ready, list(unit.y), cnt, L, nxt, S[op["dst"]], i, o, j, [unit.valid], lag=1)
+
+    def _mx_phase(self, m, n, state, blocks, B, bits, nxt, i, o, j, on_block, on_cycle=None):
+        """Quantise ``blocks`` (per block: a list of B (operand, element) pairs) through the
+        shared MXINT quantisers, ``len(mxs)`` blocks a cycle; ``on_block(slot, block index
+        signal, mx)`` consumes each result as it comes."""
+        mxs = self._mx(m, B, bits)
+        q = len(mxs)
+        st = -(-len(blocks) // q)
+        with m.State(state):
+            for u, mx in enumerate(mxs):
+                per_step = [blocks[s * q + u] if s * q + u < len(blocks) else None for s in range(st)]
+                for k in range(B):
+                    srcs = [(b[k] if b is not None else None) for b in per_step]
+                    m.d.comb += mx.x[k].eq(self._read_pairs(srcs, i))
+                m.d.comb += mx.valid.eq(i < st)
+            m.d.sync += i.eq(Mux(i < st, i + 1, i))
+            with m.If(mxs[0].ready):
+                for u, mx in enumerate(mxs):
+                    bi = Signal(32, name=f"bi{n}_{u}")
+                    m.d.comb += bi.eq(o * q + u)
+                    with m.If(bi < len(blocks)):
+                        on_block(u, bi, mx)
+                if on_cycle is not None:
+                    on_cycle(mxs)
+                m.d.sync += o.eq(o + 1)
+                with m.If(o == st - 1):
+                    self._reset(m, i, o, j)
+                    m.next = nxt
+
+    def _read_pairs(self, srcs, at):
+        """Per step, an (operand, element) or None: the word read at step ``at``. The operands
+        of one lane may differ by step (k, v and q blocks of attention)."""
+        groups: dict = {}
+        for s, p in enumerate(srcs):
+            if p is not None:
+                groups.setdefault(id(p[0]), (p[0], [None] * len(srcs)))[1][s] = p[1]
+        if not groups:
+            return Const(0, signed(32))
+        out = None
+        for operand, elems in groups.values():
+            v = self.read(operand, elems, at)
+            out = v if out is None else v | out          # the others read 0 at this step
+        return out
 
     def _linear(self, m, n, op, nxt, S, read, token, pos, i, o, j):
+        """A fabric stage: the input's MXINT blocks into the x registers, the start pulse, then
+        the row-serial linear of the stage's stacked rows (``parts``: each linear's destination
+        and its rows ``lo..hi`` of the stack), whose chain outputs are written as they come."""
         img = op["image"]
         s = img.spec
         B = op["block"]
         nblk = img.in_dim // B
         lin = m.submodules[f"lin{n}"] = RowSerialLinear(img)
-        mx = self._unit(m, ("mx", B, s.act_bits), lambda: MxQuant(B, s.act_bits))
         xe = [Signal(signed(s.act_bits), name=f"xe{n}_{k}") for k in range(img.in_dim)]
-        xs = Array(Signal(unsigned(6), name=f"xs{n}_{b}") for b in range(nblk))
+        xs = [Signal(unsigned(6), name=f"xs{n}_{b}") for b in range(nblk)]
         emin = Signal(signed(8), name=f"emin{n}")
         m.d.comb += [lin.start.eq(0), lin.valid.eq(0), lin.emin.eq(emin)]
         for k in range(img.in_dim):
             m.d.comb += lin.x[k].eq(xe[k])
         for u in range(img.in_dim // s.unit):
             m.d.comb += lin.sh[u].eq((xs[(u * s.unit) // B] - emin)[:s.shift_bits])
-        with m.State(f"op{n}"):                           # MXINT: one block per cycle
-            for k in range(B):
-                m.d.comb += mx.x[k].eq(read(op["src"], i * B + k) if nblk > 1 else read(op["src"], k))
-            m.d.comb += mx.valid.eq(i < nblk)
-            m.d.sync += i.eq(Mux(i < nblk, i + 1, i))
-            with m.If(mx.ready):
-                for b in range(nblk):
-                    with m.If(o == b):
-                        m.d.sync += [xe[b * B + k].eq(mx.elems[k]) for k in range(B)]
-                m.d.sync += [xs[o].eq(mx.shift), o.eq(o + 1),
-                             emin.eq(Mux((o == 0) | (mx.shift < emin), mx.shift, emin))]
-                with m.If(o == nblk - 1):
-                    self._reset(m, i, o, j)
-                    m.next = f"op{n}_run"
+        blocks = [[(op["src"], b * B + k) for k in range(B)] for b in range(nblk)]
+
+        def on_block(u, bi, mx):
+            for b in range(nblk):
+                with m.If(bi == b):
+                    m.d.sync += [xe[b * B + k].eq(mx.elems[k]) for k in range(B)]
+                    m.d.sync += xs[b].eq(mx.shift)
+
+        def on_cycle(mxs):                          # emin: the least block shift so far
+            cur = Signal(signed(8), name=f"em{n}_0")
+            m.d.comb += cur.eq(Mux(o == 0, 127, emin))
+            for u, mx in enumerate(mxs):
+                c = Signal(signed(8), name=f"em{n}_{u + 1}")
+                m.d.comb += c.eq(Mux((o * len(mxs) + u < nblk) & (mx.shift < cur), mx.shift, cur))
+                cur = c
+            m.d.sync += emin.eq(cur)
+
+        self._mx_phase(m, n, f"op{n}", blocks, B, s.act_bits, f"op{n}_run", i, o, j, on_block, on_cycle)
+        P = img.chains
+        parts = op["parts"]
         with m.State(f"op{n}_run"):
             m.d.comb += lin.start.eq(1)
             m.next = f"op{n}_collect"
-        P = img.chains
-        wps = [S[op["dst"]].writer() for _ in range(P)]
         with m.State(f"op{n}_collect"):                  # row slot j of every chain
             with m.If(lin.ready):
-                for p in range(P):
-                    idx = Signal(32, name=f"yo{n}_{p}")
-                    m.d.comb += idx.eq(j * P + p)
-                    m.d.comb += [wps[p].en.eq(idx < img.out_dim), wps[p].addr.eq(idx), wps[p].data.eq(lin.y[p])]
+                with m.Switch(j):
+                    for slot in range(img.slots):
+                        with m.Case(slot):
+                            for p in range(P):
+                                r = slot * P + p
+                                for dst, lo, hi in parts:
+                                    if lo <= r < hi:
+                                        m.d.sync += S[dst].regs[r - lo].eq(lin.y[p])
                 m.d.sync += j.eq(j + 1)
                 with m.If(j == img.slots - 1):
                     self._reset(m, i, o, j)
                     m.next = nxt
 
     def _attention(self, m, n, op, nxt, S, read, token, pos, i, o, j):
-        from amaranth.hdl import Cat
+        """The token's k and v MXINT-quantised into the engine's KV cache at the position
+        counter, q into registers; then the engine attends positions 0..pos for every head."""
         H, Hkv, D = op["heads"], op["kv_heads"], op["d"]
-        rep = H // Hkv
         bits = self.spec["act_bits"]
-        B = D if D < 32 else 32 if D % 32 == 0 else int(np.gcd(D, 32))
+        B = attention_block(D)
         nb = D // B
-        ctx = self.context
-        unit = self._unit(m, ("att", D, *op["scale"], B, bits),
-                          lambda: AttentionUnit(D, ctx, *op["scale"], block=B, bits=bits))
-        mx = self._unit(m, ("mx", B, bits), lambda: MxQuant(B, bits))
-        nk = Hkv * nb                                       # blocks per position: k, then v, then q
-        kv = {}
-        for name, width in (("ke", B * bits), ("ve", B * bits), ("ks", 6), ("vs", 6)):
-            mem = m.submodules[f"{name}{n}"] = Memory(shape=unsigned(width), depth=ctx * nk, init=[])
-            wp = mem.write_port()
-            m.d.comb += [wp.en.eq(0), wp.addr.eq(0), wp.data.eq(0)]
-            kv[name] = (mem, wp)
-        QE = Array(Signal(signed(bits), name=f"qe{n}_{k}") for k in range(H * D))
-        QS = Array(Signal(unsigned(6), name=f"qs{n}_{b}") for b in range(H * nb))
-        total = 2 * nk + H * nb
-        with m.State(f"op{n}"):                            # MXINT of this token's k, v and q blocks
-            seg = Signal(2, name=f"seg{n}")
-            off = Signal(32, name=f"off{n}")
-            m.d.comb += [seg.eq(Mux(i < nk, 0, Mux(i < 2 * nk, 1, 2))),
-                         off.eq(Mux(i < nk, i, Mux(i < 2 * nk, i - nk, i - 2 * nk)) * B)]
-            for k in range(B):
-                vk, vv, vq = (read(op[name], off + k) for name in ("k", "v", "q"))
-                m.d.comb += mx.x[k].eq(Mux(seg == 0, vk, Mux(seg == 1, vv, vq)))
-            m.d.comb += mx.valid.eq(i < total)
-            m.d.sync += i.eq(Mux(i < total, i + 1, i))
-            with m.If(mx.ready):
-                with m.If(o < 2 * nk):
-                    is_k = o < nk
-                    blk = Mux(is_k, o, o - nk)
-                    for name, sel in (("ke", is_k), ("ve", ~is_k)):
-                        wp = kv[name][1]
-                        m.d.comb += [wp.en.eq(sel), wp.addr.eq(pos * nk + blk), wp.data.eq(Cat(*mx.elems))]
-                    for name, sel in (("ks", is_k), ("vs", ~is_k)):
-                        wp = kv[name][1]
-                        m.d.comb += [wp.en.eq(sel), wp.addr.eq(pos * nk + blk), wp.data.eq(mx.shift)]
-                with m.Else():
-                    qb = Signal(32, name=f"qb{n}")
-                    m.d.comb += qb.eq(o - 2 * nk)
-                    for c in range(H * nb):
-                        with m.If(qb == c):
-                            m.d.sync += [QE[c * B + k].eq(mx.elems[k]) for k in range(B)]
-                            m.d.sync += QS[c].eq(mx.shift)
-                m.d.sync += o.eq(o + 1)
-                with m.If(o == total - 1):
-                    self._reset(m, i, o, j)
-                    m.next = f"op{n}_head"
-        hk = Signal(range(max(Hkv, 2)), name=f"hk{n}")
-        m.d.comb += hk.eq(j // rep if rep > 1 else j)
-        words = []
-        for b in range(nb):                                # position i, kv head hk, block b
-            w = {}
-            for name in ("ke", "ve", "ks", "vs"):
-                rp = kv[name][0].read_port(domain="comb")
-                m.d.comb += rp.addr.eq(i * nk + hk * nb + b)
-                w[name] = rp.data
-            words.append(w)
-        wps = [S[op["dst"]].writer() for _ in range(D)]
-        with m.State(f"op{n}_head"):                       # positions 0..pos into the unit
-            for k in range(D):
-                m.d.comb += unit.qe[k].eq(QE[j * D + k])
-            for b in range(nb):
-                m.d.comb += unit.qs[b].eq(QS[j * nb + b])
-                for k in range(B):
-                    m.d.comb += [unit.ke[b * B + k].eq(words[b]["ke"][k * bits:(k + 1) * bits].as_signed()),
-                                 unit.ve[b * B + k].eq(words[b]["ve"][k * bits:(k + 1) * bits].as_signed())]
-                m.d.comb += [unit.ks[b].eq(words[b]["ks"]), unit.vs[b].eq(words[b]["vs"])]
-            m.d.comb += [unit.valid.eq(i <= pos), unit.last.eq(i == pos)]
-            m.d.sync += i.eq(Mux(i <= pos, i + 1, i))
-            with m.If(unit.ready):
-                for k in range(D):
-                    m.d.comb += [wps[k].en.eq(1), wps[k].addr.eq(j * D + k), wps[k].data.eq(unit.out[k])]
-                m.d.sync += [j.eq(j + 1), i.eq(0)]
-                with m.If(j == H - 1):
-                    self._reset(m, i, o, j)
-                    m.next = nxt
+        nk = Hkv * nb
+        q_ports = max(1, self.L // B)
+        eng = m.submodules[f"att{n}"] = AttentionEngine(H, Hkv, D, self.context, *op["scale"], block=B, bits=bits,
+                                                        positions=self.P, ports=q_ports)
+        m.d.comb += [eng.start.eq(0), eng.t.eq(pos)]
+        for w in range(q_ports):
+            m.d.comb += [eng.kv_en[w].eq(0), eng.kv_v[w].eq(0), eng.kv_addr[w].eq(0), eng.kv_e[w].eq(0),
+                         eng.kv_s[w].eq(0)]
+        QE = [Signal(signed(bits), name=f"qe{n}_{k}") for k in range(H * D)]
+        QS = [Signal(unsigned(6), name=f"qs{n}_{b}") for b in range(H * nb)]
+        for k in range(H * D):
+            m.d.comb += eng.qe[k].eq(QE[k])
+        for b in range(H * nb):
+            m.d.comb += eng.qs[b].eq(QS[b])
+        blocks = ([[(op["k"], c * B + k) for k in range(B)] for c in range(nk)]
+                  + [[(op["v"], c * B + k) for k in range(B)] for c in range(nk)]
+                  + [[(op["q"], c * B + k) for k in range(B)] for c in range(H * nb)])
+
+        def on_block(u, bi, mx):
+            with m.If(bi < 2 * nk):                         # a key or value block: into the cache
+                is_v = bi >= nk
+                blk = Mux(is_v, bi - nk, bi)
+                m.d.comb += [eng.kv_en[u].eq(1), eng.kv_v[u].eq(is_v), eng.kv_addr[u].eq(pos * nk + blk),
+                             eng.kv_e[u].eq(Cat(*mx.elems)), eng.kv_s[u].eq(mx.shift)]
+            with m.Else():
+                for c in range(H * nb):
+                    with m.If(bi == 2 * nk + c):
+                        m.d.sync += [QE[c * B + k].eq(mx.elems[k]) for k in range(B)]
+                        m.d.sync += QS[c].eq(mx.shift)
+
+        self._mx_phase(m, n, f"op{n}", blocks, B, bits, f"op{n}_run", i, o, j, on_block)
+        with m.State(f"op{n}_run"):
+            m.d.comb += eng.start.eq(1)
+            m.next = f"op{n}_wait"
+        with m.State(f"op{n}_wait"):
+            with m.If(eng.ready):
+                m.d.sync += [S[op["dst"]].regs[k].eq(eng.out[k]) for k in range(H * D)]
+                self._reset(m, i, o, j)
+                m.next = nxt
 
     def _argmax(self, m, n, op, nxt, S, read, token, pos, i, o, j):
         V = len(op["src"][1])
+        L = self.lanes(V)
+        st = -(-V // L)
+        tree = m.submodules[f"argmax{n}"] = ArgmaxTree(L)
         best = Signal(signed(32), name="best")
         with m.State(f"op{n}"):
-            v = read(op["src"], i)
-            with m.If((i == 0) | (v > best)):
-                m.d.sync += [best.eq(v), self.next_token.eq(i)]
-            m.d.sync += i.eq(i + 1)
-            with m.If(i == V - 1):
-                self._reset(m, i, o, j)
-                m.next = nxt
+            for k, elems in enumerate(self.chunks(V, L)):
+                v = read(op["src"], elems, i)
+                if any(e is None for e in elems):             # padding: never above a real logit
+                    live = Array([Const(int(e is not None), 1) for e in elems])[i] if len(elems) > 1 else 0
+                    v = Mux(live, v, INT32_MIN)
+                m.d.comb += tree.x[k].eq(v)
+            m.d.comb += tree.valid.eq(i < st)
+            m.d.sync += i.eq(Mux(i < st, i + 1, i))
+            with m.If(tree.ready):
+                with m.If((o == 0) | (tree.value > best)):
+                    m.d.sync += [best.eq(tree.value), self.next_token.eq(o * L + tree.index)]
+                m.d.sync += o.eq(o + 1)
+                with m.If(o == st - 1):
+                    self._reset(m, i, o, j)
+                    m.next = nxt
 
 
 def run_tokens(top: ChipTop, prompt, n_new: int, *, max_cycles: int = 10_000_000) -> tuple[list[int], list[int]]:
@@ -526,41 +592,33 @@ def run_tokens_verilator(top: ChipTop, prompt, n_new: int, *, stats: dict | None
 
 
 def rtl_cycles(spec: dict, position: int) -> dict[str, int]:
-    """The cycles ChipTop takes for a token at ``position``, micro-op by micro-op, from the
-    FSM's structure and the units' latencies (``tests/test_chip_rtl.py`` holds the RTL to it).
-    Keys: ``"{index} {kind}"``; ``"finish"`` is the done cycle."""
-    from .rowserial import stage_cycles
-    from .vector import DivRound, ExpNeg
-    T = position + 1
-    att_div = DivRound.latency(17)
+    """The cycles ChipTop takes for a token at ``position``, micro-op by micro-op, from
+    ``hdl.timing`` (``tests/test_chip_rtl.py`` holds the RTL's cycle counter to it). Keys:
+    ``"{index} {kind}"``; the argmax's includes the done cycle."""
+    from . import timing as tm
+    L, P = int(spec.get("lanes", 1)), int(spec.get("positions", 1))
     out: dict[str, int] = {}
     for n, op in enumerate(spec["ops"]):
         k = op["kind"]
         if k == "embed":
-            c = op["table"].shape[1] + 1
+            c = tm.embed(op["table"].shape[1], L)
         elif k in ("add", "sub", "mul"):
-            c = len(op["a"][1]) + 1 + (0 if op["rows"] is None else 1)
+            c = tm.elementwise(len(op["a"][1]), L, op["rows"] is not None)
         elif k == "rope":
-            c = len(op["x"][1]) + 2 + 1
+            c = tm.rope(len(op["x"][1]), L)
         elif k == "act":
-            c = len(op["x"][1]) + Activation.latency(op["act"])
+            c = tm.act(len(op["x"][1]), op["act"], L)
         elif k == "norm":
-            d = len(op["src"][1])
-            c = d + NormUnit.latency(d, op["norm"])
+            c = tm.norm(len(op["src"][1]), op["norm"], L)
         elif k == "linear":
             img = op["image"]
-            c = (img.in_dim // op["block"] + MxQuant.LATENCY) + 1 + stage_cycles(
-                img.out_dim, img.in_dim, chains=img.chains, chain_tiles=img.chain_tiles, cols=img.spec.cols)
+            c = tm.linear(img.in_dim, op["block"], img.out_dim, L, chains=img.chains,
+                          chain_tiles=img.chain_tiles, cols=img.spec.cols)
         elif k == "attention":
-            D, H, Hkv = op["d"], op["heads"], op["kv_heads"]
-            B = D if D < 32 else 32 if D % 32 == 0 else int(np.gcd(D, 32))
-            nb = D // B
-            mx = 2 * Hkv * nb + H * nb + MxQuant.LATENCY
-            c = mx + H * (4 * T + ExpNeg.LATENCY + att_div + 2)
+            c = tm.attention(position + 1, op["heads"], op["kv_heads"], op["d"], L, P)
         elif k == "argmax":
-            c = len(op["src"][1])
+            c = tm.argmax(len(op["src"][1]), L)
         else:
             raise ValueError(f"no cycle rule for {k}")
         out[f"{n} {k}"] = c
-    out["finish"] = 1
     return out

@@ -431,34 +431,46 @@ class NormUnit(_Pipe):
     """RMSNorm or LayerNorm of one vector of ``d`` Q16 values, with the op's gains (and bias)
     and its eps folded in as ROM constants (``golden.model.k_rmsnorm`` / ``k_layernorm``).
 
-    The values stream in one per cycle (``valid``) into the unit's buffer. The unit then makes
-    its passes over them:
-    - (LayerNorm only) the sum, then the mean ``round(sum / d)`` by a ``DivRound``;
-    - the largest ``|x - mean|`` and the shift ``k`` that brings it under 2**15;
-    - ``xs = round((x - mean) / 2**k)`` and the sum of squares;
+    The vector streams in ``lanes`` values per cycle (``valid``; ``s = ceil(d / lanes)`` chunks,
+    the last one padded) into the unit's buffer. The unit then makes its passes over the chunks:
+    - the load keeps the sum (LayerNorm) or the largest ``|x|`` (RMSNorm);
+    - (LayerNorm only) the mean ``round(sum / d)`` by a ``DivRound``, then a pass for the
+      largest ``|x - mean|``;
+    - the shift ``k`` that brings the largest magnitude under 2**15;
+    - ``xs = round((x - mean) / 2**k)`` and the sum of squares, a chunk per cycle;
     - ``ms = round(sumsq / d)``, ``r = max(isqrt((ms + eps_k) << 16), 1)``, where ``eps_k`` is
       a 48-entry ROM of eps in the scale of each ``k``.
 
-    The outputs then stream out one per cycle (``ready``):
-    ``sat(round(round((xs << 24) / r) * g / 2**16) [+ b])``. ``LATENCY`` is the cycles from the
-    first value in to the first value out. The unit takes one vector at a time."""
+    The outputs then stream out a chunk per cycle (``ready``), through one division pipeline
+    per lane: ``sat(round(round((xs << 24) / r) * g / 2**16) [+ b])``. ``LATENCY`` is the
+    cycles from the first chunk in to the first chunk out. The unit takes one vector at a time."""
 
     @staticmethod
-    def latency(d: int, kind: str) -> int:
-        """First value in -> first value out: the load (d), the mean (LayerNorm), the max pass (d),
-        the shift, the squares pass (d), ms, the square root, the division pipeline, the output."""
-        mean = 1 + DivRound.latency(33) if kind == "layernorm" else 0
-        return d + mean + d + 1 + d + DivRound.latency(33) + ISqrt.latency(50) + 2 + DivRound.latency(41) + 1
+    def latency(d: int, kind: str, lanes: int = 1) -> int:
+        """First chunk in -> first chunk out: the load (s chunks), the mean and the centring
+        pass (LayerNorm), the shift, the squares pass (s), ms, the square root, the division
+        pipeline, the output register."""
+        s = -(-d // lanes)
+        mean = 1 + DivRound.latency(33) + s if kind == "layernorm" else 0
+        return s + mean + 1 + s + DivRound.latency(33) + ISqrt.latency(50) + 2 + DivRound.latency(41) + 1
 
-    def __init__(self, d: int, gain, bias=None, *, eps, kind: str = "rmsnorm"):
+    def __init__(self, d: int, gain, bias=None, *, eps, kind: str = "rmsnorm", lanes: int = 1):
         import numpy as np
         if kind not in ("rmsnorm", "layernorm"):
             raise ValueError(f"norm must be rmsnorm or layernorm, not {kind!r}")
         self.d, self.kind = d, kind
+        self.lanes = max(1, min(int(lanes), d))
+        self.steps = -(-d // self.lanes)
+        L, S = self.lanes, self.steps
         gain = np.asarray(gain, np.int64).reshape(-1, d)         # one row per op sharing the unit
         self.ops = gain.shape[0]
-        self.gain = [int(v) for v in gain.reshape(-1)]
-        self.bias = None if bias is None else [int(v) for v in np.asarray(bias, np.int64).reshape(-1)]
+
+        def chunks(rows):                                     # [ops, d] -> [ops * S, L] padded with 0
+            pad = np.zeros((rows.shape[0], S * L), np.int64)
+            pad[:, :d] = rows
+            return pad.reshape(-1, L)
+        self.gain = chunks(gain)
+        self.bias = None if bias is None else chunks(np.asarray(bias, np.int64).reshape(-1, d))
         eps = [float(e) for e in np.broadcast_to(np.asarray(eps, np.float64), (self.ops,))]
         self.eps_k = []
         for e in eps:
@@ -467,50 +479,95 @@ class NormUnit(_Pipe):
         self._mean = DivRound(44, 12, 33)
         self._ms = DivRound(44, 12, 33)
         self._sqrt = ISqrt(50)
-        self._div = DivRound(41, 26, 41)
-        self.LATENCY = self.latency(d, kind)
-        ports = {"valid": In(1), "x": In(signed(32))}
+        self._div = [DivRound(41, 26, 41) for _ in range(L)]
+        self.LATENCY = self.latency(d, kind, L)
+        ports = {"valid": In(1), "x": In(signed(32)).array(L)}
         if self.ops > 1:
             ports["sel"] = In(range(self.ops))                     # which op's gains, bias and eps
-        super().__init__({**ports, "ready": Out(1), "y": Out(signed(32))})
+        super().__init__({**ports, "ready": Out(1), "y": Out(signed(32)).array(L)})
 
     def elaborate(self, platform):
+        from amaranth.hdl import Cat
         from amaranth.lib.memory import Memory
         m = Module()
-        d = self.d
-        m.submodules.buf = mem = Memory(shape=signed(35), depth=max(d, 2), init=[])
+        d, L, S = self.d, self.lanes, self.steps
+        W = 35
+        m.submodules.buf = mem = Memory(shape=unsigned(W * L), depth=max(S, 2), init=[])
         rd, wr = mem.read_port(domain="comb"), mem.write_port()
         sel = self.sel if self.ops > 1 else 0
 
-        def rom(name, values, shape):
-            mm = m.submodules[name] = Memory(shape=shape, depth=max(len(values), 2), init=values + [0] * (len(values) < 2))
+        def rom(name, rows, width):
+            words = [sum((int(v) & ((1 << width) - 1)) << (width * k) for k, v in enumerate(r)) for r in rows]
+            mm = m.submodules[name] = Memory(shape=unsigned(width * L), depth=max(len(words), 2),
+                                             init=words + [0] * (len(words) < 2))
             return mm.read_port(domain="comb")
 
-        gain_rp = rom("gain", self.gain, signed(33))
-        bias_rp = rom("bias", self.bias, signed(33)) if self.bias else None
-        eps_rp = rom("eps", self.eps_k, unsigned(61))
-        i = Signal(range(d + 1))
+        def lane(word, k, width):
+            return word[k * width:(k + 1) * width].as_signed()
+
+        gain_rp = rom("gain", self.gain, 33)
+        bias_rp = rom("bias", self.bias, 33) if self.bias is not None else None
+        m.submodules.eps = eps_mem = Memory(shape=unsigned(61), depth=len(self.eps_k), init=self.eps_k)
+        eps_rp = eps_mem.read_port(domain="comb")
+        i = Signal(range(S + 2))
         m.d.comb += [rd.addr.eq(i), wr.addr.eq(i), wr.en.eq(0)]
-        cur = rd.data
+        cur = [lane(rd.data, k, W) for k in range(L)]
+        live = [Signal(name=f"live{k}") for k in range(L)]          # lane k of chunk i holds an element
+        for k in range(L):
+            m.d.comb += live[k].eq(i * L + k < d)
         acc = Signal(signed(48))
         amax = Signal(unsigned(34))
         k = Signal(unsigned(6))
         sumsq = Signal(unsigned(44))
         r = Signal(unsigned(25))
+
+        def chunk_max(vals):
+            """max(amax, |v| of the live lanes) as a comparison tree."""
+            level = []
+            for q, v in enumerate(vals):
+                a_ = Signal(unsigned(34), name=f"abs{q}")
+                m.d.comb += a_.eq(Mux(live[q], Mux(v < 0, -v, v), 0))
+                level.append(a_)
+            level.append(amax)
+            while len(level) > 1:
+                nxt = []
+                for j in range(0, len(level), 2):
+                    if j + 1 < len(level):
+                        t = Signal(unsigned(34))
+                        m.d.comb += t.eq(Mux(level[j] >= level[j + 1], level[j], level[j + 1]))
+                        nxt.append(t)
+                    else:
+                        nxt.append(level[j])
+                level = nxt
+            return level[0]
+
         m.submodules.mean = mean = self._mean
         m.submodules.ms = msd = self._ms
         m.submodules.sqrt = sq = self._sqrt
-        m.submodules.div = div = self._div
-        m.d.comb += [mean.valid.eq(0), msd.valid.eq(0), sq.valid.eq(0), div.valid.eq(0), self.ready.eq(0)]
-        out_i = Signal(range(d + 1))
+        for q, dv in enumerate(self._div):
+            m.submodules[f"div{q}"] = dv
+            m.d.comb += dv.valid.eq(0)
+        m.d.comb += [mean.valid.eq(0), msd.valid.eq(0), sq.valid.eq(0), self.ready.eq(0)]
+        out_i = Signal(range(S + 2))
         with m.FSM():
             with m.State("LOAD"):
                 with m.If(self.valid):
-                    m.d.comb += [wr.en.eq(1), wr.data.eq(self.x)]
-                    m.d.sync += [i.eq(i + 1), acc.eq(acc + self.x)]
-                    with m.If(i == d - 1):
+                    xin = [Mux(live[q], self.x[q], 0) for q in range(L)]
+                    m.d.comb += wr.en.eq(1)
+                    words = []
+                    for q in range(L):
+                        w_ = Signal(signed(W), name=f"xin{q}")
+                        m.d.comb += w_.eq(xin[q])
+                        words.append(w_)
+                    m.d.comb += wr.data.eq(Cat(*words))
+                    m.d.sync += i.eq(i + 1)
+                    if self.kind == "layernorm":
+                        m.d.sync += acc.eq(acc + sum(words))
+                    else:
+                        m.d.sync += amax.eq(chunk_max(words))
+                    with m.If(i == S - 1):
                         m.d.sync += i.eq(0)
-                        m.next = "MEAN" if self.kind == "layernorm" else "MAX"
+                        m.next = "MEAN" if self.kind == "layernorm" else "SHIFT"
             if self.kind == "layernorm":
                 with m.State("MEAN"):
                     m.d.comb += [mean.valid.eq(i == 0), mean.a.eq(acc), mean.b.eq(d)]
@@ -518,25 +575,30 @@ class NormUnit(_Pipe):
                     with m.If(mean.ready):
                         m.d.sync += [i.eq(0), acc.eq(mean.q)]
                         m.next = "MAX"
-            with m.State("MAX"):                       # centre (LayerNorm), largest magnitude
-                c = Signal(signed(35))
-                m.d.comb += c.eq(cur - (acc if self.kind == "layernorm" else 0))
-                m.d.comb += [wr.en.eq(1), wr.data.eq(c)]
-                m.d.sync += [i.eq(i + 1),
-                             amax.eq(Mux((Mux(c < 0, -c, c)) > amax, Mux(c < 0, -c, c), amax))]
-                with m.If(i == d - 1):
-                    m.d.sync += i.eq(0)
-                    m.next = "SHIFT"
+                with m.State("MAX"):                   # centre, largest magnitude
+                    cs = []
+                    for q in range(L):
+                        c = Signal(signed(W), name=f"c{q}")
+                        m.d.comb += c.eq(Mux(live[q], cur[q] - acc, 0))
+                        cs.append(c)
+                    m.d.comb += [wr.en.eq(1), wr.data.eq(Cat(*cs))]
+                    m.d.sync += [i.eq(i + 1), amax.eq(chunk_max(cs))]
+                    with m.If(i == S - 1):
+                        m.d.sync += i.eq(0)
+                        m.next = "SHIFT"
             with m.State("SHIFT"):
                 nb = bit_length(m, amax, 34, "norm_amax_bits")
                 m.d.sync += k.eq(Mux(nb > 15, nb - 15, 0))
                 m.next = "SQUARES"
             with m.State("SQUARES"):
-                xs = Signal(signed(34))
-                m.d.comb += xs.eq((cur + half_of(k, 34)) >> k)
-                m.d.comb += [wr.en.eq(1), wr.data.eq(xs)]
-                m.d.sync += [sumsq.eq(sumsq + xs * xs), i.eq(i + 1)]
-                with m.If(i == d - 1):
+                xs = []
+                for q in range(L):
+                    x_ = Signal(signed(W), name=f"xs{q}")
+                    m.d.comb += x_.eq(Mux(live[q], (cur[q] + half_of(k, 34)) >> k, 0))
+                    xs.append(x_)
+                m.d.comb += [wr.en.eq(1), wr.data.eq(Cat(*xs))]
+                m.d.sync += [sumsq.eq(sumsq + sum(x_ * x_ for x_ in xs)), i.eq(i + 1)]
+                with m.If(i == S - 1):
                     m.d.sync += i.eq(0)
                     m.next = "MS"
             with m.State("MS"):
@@ -551,23 +613,26 @@ class NormUnit(_Pipe):
                 with m.If(sq.ready):
                     m.d.sync += [i.eq(0), r.eq(Mux(sq.r == 0, 1, sq.r))]
                     m.next = "DIVIDE"
-            with m.State("DIVIDE"):                   # the division pipeline, one value per cycle
-                m.d.comb += [div.valid.eq(i < d), div.a.eq(cur << 24), div.b.eq(r)]
-                m.d.sync += i.eq(Mux(i < d, i + 1, i))
-                m.d.comb += gain_rp.addr.eq(sel * d + out_i)
+            with m.State("DIVIDE"):                   # a division pipeline per lane, a chunk per cycle
+                for q, dv in enumerate(self._div):
+                    m.d.comb += [dv.valid.eq(i < S), dv.a.eq(cur[q] << 24), dv.b.eq(r)]
+                m.d.sync += i.eq(Mux(i < S, i + 1, i))
+                m.d.comb += gain_rp.addr.eq(sel * S + out_i)
                 if bias_rp is not None:
-                    m.d.comb += bias_rp.addr.eq(sel * d + out_i)
-                with m.If(div.ready):
-                    prod = Signal(signed(80))
-                    m.d.comb += prod.eq(div.q * gain_rp.data)
-                    y = round_shift(prod, Q16) + (bias_rp.data if bias_rp is not None else 0)
-                    m.d.sync += [self.y.eq(sat32(y)), out_i.eq(out_i + 1)]
-                with m.If(out_i == d):
+                    m.d.comb += bias_rp.addr.eq(sel * S + out_i)
+                with m.If(self._div[0].ready):
+                    for q, dv in enumerate(self._div):
+                        prod = Signal(signed(80), name=f"prod{q}")
+                        m.d.comb += prod.eq(dv.q * lane(gain_rp.data, q, 33))
+                        y = round_shift(prod, Q16) + (lane(bias_rp.data, q, 33) if bias_rp is not None else 0)
+                        m.d.sync += self.y[q].eq(sat32(y))
+                    m.d.sync += out_i.eq(out_i + 1)
+                with m.If(out_i == S):
                     m.d.sync += [i.eq(0), out_i.eq(0), acc.eq(0), amax.eq(0), sumsq.eq(0)]
                     m.next = "LOAD"
         # ready: one cycle after the division's output is registered
         rdy = Signal()
-        m.d.sync += rdy.eq(div.ready)
+        m.d.sync += rdy.eq(self._div[0].ready)
         m.d.comb += self.ready.eq(rdy)
         return m
 
@@ -716,4 +781,217 @@ class AttentionUnit(wiring.Component):
             with m.State("DONE"):
                 m.d.comb += self.ready.eq(1)
                 m.next = "LOAD"
+        return m
+
+
+class AttentionEngine(wiring.Component):
+    """Every query head of one attention op over its KV cache, ``positions`` cached positions
+    per cycle (``golden.model.k_attention`` for one query row; docs/chip.md).
+
+    The KV cache is the engine's: keys and values MXINT-quantised per position, kv head and
+    block of ``block`` (elements and one shift), written through ``ports`` block-write ports
+    (``kv_en``; ``kv_v`` = 0 for a key block, 1 for a value block; ``kv_addr`` = position *
+    kv_heads * blocks + kv head * blocks + block). With ``start``, the engine attends the
+    positions ``0..t`` with the query held on ``qe``/``qs`` (all heads), in three passes over
+    the positions, ``positions`` at a time for all heads at once:
+    - scores: each block's dot product ``sum(qe * ke) << (qs + ks - emin)`` with ``emin`` the
+      least of the pair's block shifts, then ``z = round(acc * M / 2**(n - emin + 16))``; the
+      running maximum per head and the least value shift per kv head and block (``vmin``);
+    - ``e = exp(z - max)`` through ``ExpNeg`` lanes, and their sum per head;
+    - ``p = round(e * 2**15 / sum)`` through ``DivRound`` lanes, and ``acc += p * (ve << (vs -
+      vmin))`` per output element;
+    then ``round(acc / 2**(15 - vmin))``, saturated, on ``out`` with ``ready`` for one cycle.
+    ``cycles(t)`` is exact: start edge to the ready cycle."""
+
+    @staticmethod
+    def cycles(attended: int, positions: int) -> int:
+        s = -(-attended // positions)
+        return 1 + s + (s + ExpNeg.LATENCY) + (s + DivRound.latency(17)) + 1
+
+    def __init__(self, heads: int, kv_heads: int, d: int, ctx: int, scale_m: int, scale_n: int, *,
+                 block: int, bits: int = 8, positions: int = 8, ports: int = 1):
+        self.H, self.Hkv, self.d, self.ctx, self.bits = heads, kv_heads, d, ctx, bits
+        self.block, self.nb = block, d // block
+        self.P = max(1, min(int(positions), ctx))
+        self.chunks = -(-ctx // self.P)
+        self.scale_m, self.scale_n = int(scale_m), int(scale_n)
+        self.nk = kv_heads * self.nb
+        self.ports = ports
+        super().__init__({
+            "kv_en": In(1).array(ports), "kv_v": In(1).array(ports),
+            "kv_addr": In(range(max(ctx * self.nk, 2))).array(ports),
+            "kv_e": In(unsigned(block * bits)).array(ports), "kv_s": In(unsigned(6)).array(ports),
+            "qe": In(signed(bits)).array(heads * d), "qs": In(unsigned(6)).array(heads * self.nb),
+            "start": In(1), "t": In(range(max(ctx, 2))),
+            "ready": Out(1), "out": Out(signed(32)).array(heads * d)})
+
+    def elaborate(self, platform):
+        from amaranth.hdl import Cat
+        from amaranth.lib.memory import Memory
+        m = Module()
+        H, Hkv, D, B, nb, bits, P, nk = self.H, self.Hkv, self.d, self.block, self.nb, self.bits, self.P, self.nk
+        rep = H // Hkv
+        NC = self.chunks
+        mems = {}
+        for name, width in (("ke", B * bits), ("ve", B * bits), ("ks", 6), ("vs", 6)):
+            mm = m.submodules[name] = Memory(shape=unsigned(width), depth=max(self.ctx * nk, 2), init=[])
+            for w in range(self.ports):
+                wp = mm.write_port()
+                is_v = name in ("ve", "vs")
+                m.d.comb += [wp.en.eq(self.kv_en[w] & (self.kv_v[w] if is_v else ~self.kv_v[w])),
+                             wp.addr.eq(self.kv_addr[w]),
+                             wp.data.eq(self.kv_e[w] if name in ("ke", "ve") else self.kv_s[w])]
+            mems[name] = mm
+        zm = [Memory(shape=unsigned(48 * P), depth=max(NC, 2), init=[]) for _ in range(H)]
+        em = [Memory(shape=unsigned(31 * P), depth=max(NC, 2), init=[]) for _ in range(H)]
+        for h in range(H):
+            m.submodules[f"z{h}"], m.submodules[f"e{h}"] = zm[h], em[h]
+        t = Signal.like(self.t)
+        i = Signal(range(NC + 2))                    # chunk issued
+        o = Signal(range(NC + 2))                    # chunk of results
+        rc = Signal(range(NC + 2))                   # the chunk the KV reads address
+        # the KV words of chunk rc: [p][hk][b]
+        words = {name: [[[None] * nb for _ in range(Hkv)] for _ in range(P)] for name in mems}
+        for p in range(P):
+            pos = Signal(range(max(NC * P, 2) + P), name=f"pos{p}")
+            m.d.comb += pos.eq(rc * P + p)
+            for hk in range(Hkv):
+                for b in range(nb):
+                    for name, mm in mems.items():
+                        rp = mm.read_port(domain="comb")
+                        m.d.comb += rp.addr.eq(pos * nk + hk * nb + b)
+                        words[name][p][hk][b] = rp.data
+
+        def live(chunk, p):
+            return chunk * P + p <= t
+
+        def lane(word, k, width=bits):
+            return word[k * width:(k + 1) * width].as_signed()
+
+        zmax = [Signal(signed(48), name=f"zmax{h}") for h in range(H)]
+        total = [Signal(unsigned(40), name=f"total{h}") for h in range(H)]
+        vmin = [[Signal(unsigned(6), name=f"vmin{hk}_{b}") for b in range(nb)] for hk in range(Hkv)]
+        acc = [[Signal(signed(64), name=f"pv{h}_{k}") for k in range(D)] for h in range(H)]
+        m.submodules.exp = exp = ExpNeg(H * P)
+        divs = [DivRound(48, 40, 17) for _ in range(H * P)]
+        for n_, dv in enumerate(divs):
+            m.submodules[f"div{n_}"] = dv
+            m.d.comb += dv.valid.eq(0)
+        m.d.comb += [exp.valid.eq(0), self.ready.eq(0), rc.eq(i)]
+        zw = [zm[h].write_port() for h in range(H)]
+        ew = [em[h].write_port() for h in range(H)]
+        zr = [zm[h].read_port(domain="comb") for h in range(H)]
+        er = [em[h].read_port(domain="comb") for h in range(H)]
+        for h in range(H):
+            m.d.comb += [zw[h].en.eq(0), zw[h].addr.eq(i), ew[h].en.eq(0), ew[h].addr.eq(o),
+                         zr[h].addr.eq(i), er[h].addr.eq(i)]
+        with m.FSM():
+            with m.State("IDLE"):
+                with m.If(self.start):
+                    m.d.sync += [t.eq(self.t), i.eq(0), o.eq(0)]
+                    m.next = "SCORE"
+            with m.State("SCORE"):                       # P positions of every head per cycle
+                for h in range(H):
+                    hk = h // rep
+                    zs, zmx = [], zmax[h]
+                    for p in range(P):
+                        exps = [Signal(unsigned(7), name=f"sx{h}_{p}_{j}") for j in range(nb)]
+                        for j in range(nb):
+                            m.d.comb += exps[j].eq(self.qs[h * nb + j] + words["ks"][p][hk][j])
+                        emin = exps[0]
+                        for j in range(1, nb):
+                            nm = Signal(unsigned(7), name=f"emin{h}_{p}_{j}")
+                            m.d.comb += nm.eq(Mux(exps[j] < emin, exps[j], emin))
+                            emin = nm
+                        terms = []
+                        for j in range(nb):
+                            part = sum(self.qe[h * D + j * B + k] * lane(words["ke"][p][hk][j], k) for k in range(B))
+                            terms.append(part << (exps[j] - emin)[:6])
+                        sc = Signal(signed(48), name=f"sc{h}_{p}")
+                        m.d.comb += sc.eq(sum(terms))
+                        amt = Signal(signed(10), name=f"amt{h}_{p}")
+                        m.d.comb += amt.eq(self.scale_n - emin + Q16)
+                        prod = Signal(signed(64), name=f"sp{h}_{p}")
+                        m.d.comb += prod.eq(sc * self.scale_m)
+                        zz = Signal(signed(48), name=f"zz{h}_{p}")
+                        m.d.comb += zz.eq(Mux(amt > 0, (prod + half_of(amt[:7], 64)) >> amt[:7], prod << (-amt)[:7]))
+                        zs.append(zz)
+                        nz = Signal(signed(48), name=f"zm{h}_{p}")
+                        m.d.comb += nz.eq(Mux(live(i, p) & (((i == 0) & (p == 0)) | (zz > zmx)), zz, zmx))
+                        zmx = nz
+                    m.d.comb += [zw[h].en.eq(1), zw[h].data.eq(Cat(*zs))]
+                    m.d.sync += zmax[h].eq(zmx)
+                for hk in range(Hkv):
+                    for b in range(nb):
+                        vm = vmin[hk][b]
+                        for p in range(P):
+                            s_ = words["vs"][p][hk][b]
+                            nv = Signal(unsigned(6), name=f"vm{hk}_{b}_{p}")
+                            m.d.comb += nv.eq(Mux(live(i, p) & (((i == 0) & (p == 0)) | (s_ < vm)), s_, vm))
+                            vm = nv
+                        m.d.sync += vmin[hk][b].eq(vm)
+                m.d.sync += i.eq(i + 1)
+                with m.If(i * P + P > t):                # the last chunk
+                    m.d.sync += [i.eq(0), o.eq(0)] + [total[h].eq(0) for h in range(H)]
+                    m.next = "EXP"
+            with m.State("EXP"):                         # e = exp(z - max), P lanes per head
+                lo = -64 * (1 << Q16)                     # exp of anything below is 0 in Q30 anyway
+                issuing = Signal(name="exp_issue")
+                m.d.comb += issuing.eq(i * P <= t)
+                for h in range(H):
+                    for p in range(P):
+                        diff = Signal(signed(49), name=f"df{h}_{p}")
+                        m.d.comb += diff.eq(zr[h].data[p * 48:(p + 1) * 48].as_signed() - zmax[h])
+                        m.d.comb += exp.d[h * P + p].eq(Mux(diff < lo, lo, diff))
+                m.d.comb += exp.valid.eq(issuing)
+                m.d.sync += i.eq(Mux(issuing, i + 1, i))
+                with m.If(exp.ready):
+                    for h in range(H):
+                        es = [Mux(live(o, p), exp.e[h * P + p], 0) for p in range(P)]
+                        m.d.comb += ew[h].en.eq(1)
+                        ev = []
+                        for p in range(P):
+                            s_ = Signal(unsigned(31), name=f"ev{h}_{p}")
+                            m.d.comb += s_.eq(es[p])
+                            ev.append(s_)
+                        m.d.comb += ew[h].data.eq(Cat(*ev))
+                        m.d.sync += total[h].eq(total[h] + sum(ev))
+                    m.d.sync += o.eq(o + 1)
+                    with m.If(o * P + P > t):
+                        m.d.sync += [i.eq(0), o.eq(0)] + [a.eq(0) for row in acc for a in row]
+                        m.next = "PV"
+            with m.State("PV"):                          # p = round(e * 2**15 / total); acc += p v
+                issuing = Signal(name="pv_issue")
+                m.d.comb += [issuing.eq(i * P <= t), rc.eq(o)]
+                for h in range(H):
+                    for p in range(P):
+                        dv = divs[h * P + p]
+                        m.d.comb += [dv.valid.eq(issuing), dv.a.eq(er[h].data[p * 31:(p + 1) * 31] << 15),
+                                     dv.b.eq(total[h])]
+                m.d.sync += i.eq(Mux(issuing, i + 1, i))
+                with m.If(divs[0].ready):
+                    for h in range(H):
+                        hk = h // rep
+                        for k in range(D):
+                            j = k // B
+                            terms = [Mux(live(o, p), divs[h * P + p].q, 0)
+                                     * (lane(words["ve"][p][hk][j], k % B) << (words["vs"][p][hk][j] - vmin[hk][j])[:6])
+                                     for p in range(P)]
+                            m.d.sync += acc[h][k].eq(acc[h][k] + sum(terms))
+                    m.d.sync += o.eq(o + 1)
+                    with m.If(o * P + P > t):
+                        m.next = "OUT"
+            with m.State("OUT"):
+                for h in range(H):
+                    hk = h // rep
+                    for k in range(D):
+                        j = k // B
+                        amt = Signal(signed(8), name=f"oamt{h}_{k}")
+                        m.d.comb += amt.eq(15 - vmin[hk][j])
+                        r = Mux(amt > 0, (acc[h][k] + half_of(amt[:6], 64)) >> amt[:6], acc[h][k] << (-amt)[:6])
+                        m.d.sync += self.out[h * D + k].eq(sat32(r))
+                m.next = "DONE"
+            with m.State("DONE"):
+                m.d.comb += self.ready.eq(1)
+                m.next = "IDLE"
         return m

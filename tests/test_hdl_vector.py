@@ -165,7 +165,8 @@ def test_activation_units_equal_golden(kind, gated):
 
 @pytest.mark.parametrize("kind", ["rmsnorm", "layernorm"])
 @pytest.mark.parametrize("case", ["random", "tiny", "huge", "equal"])
-def test_norm_unit_equals_golden(kind, case):
+@pytest.mark.parametrize("lanes", [1, 5, 24])
+def test_norm_unit_equals_golden(kind, case, lanes):
     from types import SimpleNamespace
     from tapeout.compiler.golden.model import k_layernorm, k_rmsnorm
     rng = np.random.default_rng(8)
@@ -178,11 +179,14 @@ def test_norm_unit_equals_golden(kind, case):
     eps = 1e-5 if kind == "layernorm" else 1e-6
     op = SimpleNamespace(attr=lambda key, default=None: eps if key == "eps" else default)
     want = (k_layernorm(None, op, x[None], g, b) if kind == "layernorm" else k_rmsnorm(None, op, x[None], g))[0]
-    unit = hv.NormUnit(d, g, b, eps=eps, kind=kind)
-    got = drive(unit, x=x).reshape(-1)
+    unit = hv.NormUnit(d, g, b, eps=eps, kind=kind, lanes=lanes)
+    chunks = np.zeros(unit.steps * unit.lanes, np.int64)         # lanes values a cycle, the last chunk padded
+    chunks[:d] = x
+    chunks = chunks.reshape(unit.steps, unit.lanes)
+    got = drive(unit, x=chunks).reshape(-1)[:d]
     assert np.array_equal(got, want) and got.size == d
-    # LATENCY is exact (hdl.chip.rtl_cycles counts on it), not just an upper bound
-    assert first_ready(hv.NormUnit(d, g, b, eps=eps, kind=kind), x=x) == unit.LATENCY
+    # LATENCY is exact (hdl.timing counts on it), not just an upper bound
+    assert first_ready(hv.NormUnit(d, g, b, eps=eps, kind=kind, lanes=lanes), x=chunks) == unit.LATENCY
 
 
 def run_attention(unit, qe, qs, ke, ks, ve, vs):
@@ -253,3 +257,82 @@ def test_mul_unit_equals_golden():
     b = rng.permutation(a)
     got = drive(hv.MulQ16(1), a=a, b=b).reshape(-1)
     assert np.array_equal(got, fx.saturate32(fx.mul_q(a, b, fx.Q))) and got.size == a.size
+
+
+def run_engine(eng, ke, ks, ve, vs, qe, qs):
+    """Write T positions of keys and values into an AttentionEngine's KV cache, one block per
+    cycle, then start it on positions 0..T-1; returns (out [H*D], cycles start edge -> ready)."""
+    from amaranth.sim import Simulator
+    Hkv, T, D = ke.shape
+    B, nb, H = eng.block, eng.nb, eng.H
+    got = {}
+
+    async def bench(ctx):
+        for t in range(T):
+            for hk in range(Hkv):
+                for b in range(nb):
+                    for is_v, (E, Sh) in enumerate(((ke, ks), (ve, vs))):
+                        word = sum((int(E[hk, t, b * B + j]) & 255) << (8 * j) for j in range(B))
+                        ctx.set(eng.kv_en[0], 1)
+                        ctx.set(eng.kv_v[0], is_v)
+                        ctx.set(eng.kv_addr[0], (t * Hkv + hk) * nb + b)
+                        ctx.set(eng.kv_e[0], word)
+                        ctx.set(eng.kv_s[0], int(Sh[hk, t, b]))
+                        await ctx.tick()
+        ctx.set(eng.kv_en[0], 0)
+        for h in range(H):
+            for j in range(D):
+                ctx.set(eng.qe[h * D + j], int(qe[h, j]))
+            for b in range(nb):
+                ctx.set(eng.qs[h * nb + b], int(qs[h, b]))
+        ctx.set(eng.t, T - 1)
+        ctx.set(eng.start, 1)
+        await ctx.tick()
+        ctx.set(eng.start, 0)
+        for c in range(1, 40 * T + 200):
+            if ctx.get(eng.ready):
+                got["out"], got["cycles"] = [ctx.get(eng.out[k]) for k in range(H * D)], c
+                return
+            await ctx.tick()
+
+    sim = Simulator(eng)
+    sim.add_clock(1e-9)
+    sim.add_testbench(bench)
+    sim.run()
+    assert "out" in got, "the attention engine never raised ready"
+    return np.array(got["out"], np.int64), got["cycles"]
+
+
+@pytest.mark.parametrize("H, Hkv, d, T, P, ctx, spread", [
+    (2, 1, 16, 5, 2, 8, 1 << 16),        # grouped query heads, a partial last chunk
+    (4, 2, 16, 9, 4, 12, 4 << 16),
+    (1, 1, 32, 1, 8, 8, 1 << 16),        # one position: p = 1
+    (2, 2, 64, 6, 3, 8, 1 << 24),        # two blocks per head, wide scores
+    (4, 2, 16, 16, 8, 16, 1 << 16),      # the whole context, whole chunks
+])
+def test_attention_engine_equals_golden(H, Hkv, d, T, P, ctx, spread):
+    """All heads at once, P positions a cycle, over a KV cache written block by block: every
+    output equals golden's k_attention for the query at the last position, and the cycles are
+    AttentionEngine.cycles (hdl.timing counts on it)."""
+    import math
+    from types import SimpleNamespace
+    from tapeout.compiler.golden.model import k_attention
+    rng = np.random.default_rng(H * d * T + P)
+    q = rng.integers(-spread, spread, (1, H, 1, d))
+    k = rng.integers(-spread, spread, (1, Hkv, T, d))
+    v = rng.integers(-spread, spread, (1, Hkv, T, d))
+    if T > 2:
+        k[0, :, 1] = k[0, :, 0]                                      # equal scores
+    scale = 1.0 / math.sqrt(d)
+    op = SimpleNamespace(name="att", attr=lambda key, default=None: {"causal": True, "scale": scale}.get(key, default))
+    gm = SimpleNamespace(config=SimpleNamespace(act_bits=8, block=32))
+    want = k_attention(gm, op, q, k, v)[0, :, 0].reshape(-1)
+    B = fx.mx_block(d, 32)
+    qe, qs = fx.mx_quantize(q[0, :, 0], 8, 32)
+    ke, ks = fx.mx_quantize(k[0], 8, 32)
+    ve, vs = fx.mx_quantize(v[0], 8, 32)
+    M, n = fx.multiplier(np.float64(scale))
+    eng = hv.AttentionEngine(H, Hkv, d, ctx, int(M), int(n), block=B, positions=P)
+    got, cycles = run_engine(eng, ke, ks, ve, vs, qe, qs)
+    assert np.array_equal(got, want) and got.size == H * d
+    assert cycles == hv.AttentionEngine.cycles(T, P)

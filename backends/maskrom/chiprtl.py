@@ -126,10 +126,17 @@ def build_spec(prog, layers, plan, seq) -> dict:
         if k == "linear":
             src = operand(op.inputs[0])
             li = lin_index[op.name]
-            img = rowfabric.linear_image(layers, li, plan, extract(layers, li))
             new_storage(outs[0])
-            ops.append({"kind": "linear", "name": op.name, "src": src, "dst": operand(outs[0])[0], "image": img,
-                        "block": fx.mx_block(img.in_dim)})
+            dst = operand(outs[0])[0]
+            prev = ops[-1] if ops else None
+            if (prev is not None and prev["kind"] == "linear" and _same(prev["src"], src)
+                    and plan["group_of"][prev["linears"][0]] == plan["group_of"][li]):
+                prev["linears"].append(li)             # one stage: the linears that read this input
+                prev["names"].append(op.name)
+                prev["dsts"].append((dst, int(layers.shapes[li][0])))
+            else:
+                ops.append({"kind": "linear", "names": [op.name], "src": src, "linears": [li],
+                            "dsts": [(dst, int(layers.shapes[li][0]))], "block": fx.mx_block(int(layers.shapes[li][1]))})
         elif k in ("rmsnorm", "layernorm"):
             src = operand(op.inputs[0])
             d = int(g.tensors[op.inputs[0]].shape[-1])
@@ -176,8 +183,21 @@ def build_spec(prog, layers, plan, seq) -> dict:
         else:
             raise TapeoutError(f"the chip RTL has no unit for {k}", node=op.name, op=k)
     ops.append({"kind": "argmax", "src": operand(itf.logits)})
+    for op in ops:                                  # each stage's stacked word-line image
+        if op["kind"] == "linear":
+            op["image"] = rowfabric.stage_image(layers, op["linears"], plan)
+            lo, op["parts"] = 0, []
+            for dst, rows in op["dsts"]:
+                op["parts"].append((dst, lo, lo + rows))
+                lo += rows
     return {"storages": storages, "ops": ops, "context": ctx, "vocab": int(itf.vocab),
-            "act_bits": int(prog.config.act_bits)}
+            "act_bits": int(prog.config.act_bits), "lanes": int(seq.arch["vector_lanes"]),
+            "positions": int(seq.arch["attn_positions_per_cycle"])}
+
+
+def _same(a, b) -> bool:
+    """Two operands read the same elements of the same storages."""
+    return (np.array_equal(np.asarray(a[0]), np.asarray(b[0])) and np.array_equal(np.asarray(a[1]), np.asarray(b[1])))
 
 
 def _rope(prog, op, x, out_shape, ctx, tables, new_storage, operand) -> dict:
