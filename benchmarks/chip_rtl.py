@@ -34,6 +34,8 @@ def main() -> int:
     ap.add_argument("--families", nargs="+", default=["llama", "gpt2", "qwen2"])
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--amaranth", action="store_true", help="also the Amaranth simulator (2 tokens)")
+    ap.add_argument("--lanes", type=int, default=16, help="the chips' vector_lanes (default 16)")
+    ap.add_argument("--positions", type=int, default=2, help="the chips' attn_positions_per_cycle (default 2)")
     a = ap.parse_args()
     from _support import load_models_module
     from tapeout.backends.maskrom import chipmodel as cm, chiprtl
@@ -46,7 +48,8 @@ def main() -> int:
             src = tiny.export(fam, "dynamo", 20, "prefill", mask=fam in MASKED)
             out = Path(tmp) / fam
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                assert cli(["compile", str(src), "--target", "maskrom", "--format", "nvfp4", "-o", str(out)]) == 0
+                assert cli(["compile", str(src), "--target", "maskrom", "--format", "nvfp4", "-o", str(out),
+                            "--arch", f"vector_lanes={a.lanes}", "--arch", f"attn_positions_per_cycle={a.positions}"]) == 0
             man, prog, layers, plan, seq = cm.load_chip(out)
             spec = chiprtl.build_spec(prog, layers, plan, seq)
             prompt = [5]

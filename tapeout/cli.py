@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "weights, else linears")
     p.add_argument("--gds-tiles", metavar="LIST", default="0",
                    help="maskrom: tiles written to layout/tiles.gds, e.g. 0,5,17 or 'all' (default 0)")
+    p.add_argument("--arch", action="append", metavar="KEY=VALUE",
+                   help="maskrom: the chip's vector_lanes (default 256) or attn_positions_per_cycle (default 8); "
+                        "the sequencer, the whole-chip RTL and the floorplan use them (repeatable; docs/chip.md)")
     _add_quant_options(p, required=False)
     _add_binding_options(p)
 

@@ -271,5 +271,5 @@ def load_chip(folder: str | Path):
     prog = load_program(folder)
     layers = load_layers(folder)
     plan = rowfabric.chip_plan(layers)
-    seq = sequencer.build(prog, plan, context=man["options"].get("context"))
+    seq = sequencer.build(prog, plan, context=man["options"].get("context"), arch=man["options"].get("arch"))
     return man, prog, layers, plan, seq

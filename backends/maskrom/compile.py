@@ -113,12 +113,12 @@ def plan_base(fmt: str, shapes: list[tuple[int, int]], summary: dict, context: i
 CHIP_CLOCK_HZ = 1e9        # the stated design clock of every technology table (docs/tech.md)
 
 
-def chip_sequencer(program: IntegerProgram, plan: dict, context: int, out):
+def chip_sequencer(program: IntegerProgram, plan: dict, context: int, out, arch: dict | None = None):
     """Write ``chip/`` (sequencer JSON, listing, trace) when the model generates tokens; an
     encoder or an export the chip cannot step token by token gets the reason instead.
     Returns (the report's ``chip`` section, the sequencer or None)."""
     try:
-        seq = sequencer.build(program, plan, context=context)
+        seq = sequencer.build(program, plan, context=context, arch=arch)
     except sequencer.ChipLoweringError as e:
         return {"generates": False, "reason": str(e)}, None
     sequencer.write(seq, out, CHIP_CLOCK_HZ)
@@ -128,7 +128,8 @@ def chip_sequencer(program: IntegerProgram, plan: dict, context: int, out):
 FLOORPLAN_TECH = "n5"      # the technology `tapeout estimate` assumes by default
 
 
-def die_floorplan(program: IntegerProgram, plan: dict, fmt: str, context: int, seq=None) -> dict:
+def die_floorplan(program: IntegerProgram, plan: dict, fmt: str, context: int, seq=None,
+                  arch: dict | None = None) -> dict:
     """The die's floorplan from the row-serial estimate of this chip (docs/layout.md, "Floorplan")."""
     import gdstk
     from tapeout.backends.model_shape import shape_from_summary
@@ -138,7 +139,7 @@ def die_floorplan(program: IntegerProgram, plan: dict, fmt: str, context: int, s
     if seq is not None and seq.learned_positions(program):     # the estimate's head adds pos_embed
         import dataclasses
         shape = dataclasses.replace(shape, positions=seq.learned_positions(program))
-    est = estimate_rowserial(shape, fmt, FLOORPLAN_TECH, context=context)
+    est = estimate_rowserial(shape, fmt, FLOORPLAN_TECH, context=context, arch=arch)
     group_tiles: dict[str, int] = {}
     for g in dict.fromkeys(plan["group_of"]):
         group_tiles[g] = plan["chains"][g] * plan["chain_tiles"]
@@ -159,7 +160,7 @@ def check_gds_tiles(base: BaseDie, tiles: list[int] | None) -> None:
 
 def compile_maskrom(program: IntegerProgram, out, *, base_name: str | None = None,
                     context: int = 2048, gds_tiles: list[int] | None = None, verify: str = "auto",
-                    step: Callable[[str], ContextManager[None]]) -> dict:
+                    step: Callable[[str], ContextManager[None]], arch: dict | None = None) -> dict:
     """Write base/, layers/, layout/ and checks into ``out`` (an OutputFolder); returns the report."""
     fmt, summary = program.quant["format"], program.summary
     specs = specs_of(program)
@@ -181,7 +182,7 @@ def compile_maskrom(program: IntegerProgram, out, *, base_name: str | None = Non
         stimulus, pairs = write_stimulus(program, layers, out)
     plan = rowfabric.chip_plan(layers)
     with step("sequencer: the token program of the whole chip (chip/)"):
-        chip, seq = chip_sequencer(program, plan, context, out)
+        chip, seq = chip_sequencer(program, plan, context, out, arch)
     rows = {"values_checked": 0, "equal": None}
     outputs_equal, checked = True, 0
     if verify == "full":
@@ -208,7 +209,7 @@ def compile_maskrom(program: IntegerProgram, out, *, base_name: str | None = Non
     used = layers.index()["tiles_used"]
     tiles = list(range(used)) if gds_tiles is None else gds_tiles
     with step(f"GDS of {len(tiles)} tile(s) and PNG renderings"):
-        fp = die_floorplan(program, plan, fmt, chip.get("context", context), seq)
+        fp = die_floorplan(program, plan, fmt, chip.get("context", context), seq, arch)
         vias_drawn = write_gds(layers, tiles, out.path("layout/tiles.gds"), extra=[fp["cell"]])
         out.write_bytes("layout/die.png", fp["png"])
         out.write_bytes("layout/die.svg", fp["svg"])

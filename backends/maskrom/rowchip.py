@@ -18,7 +18,9 @@ from typing import Any
 
 from tapeout.compiler.errors import TapeoutError
 from tapeout.compiler.quant.formats import W3O6_OUTLIER_FRAC
-from tapeout.hdl.rowserial import ROW_ARCH_WORD_LINES, ROW_FORMATS, RowSpec, stage_cycles
+from tapeout.compiler.golden.fixed import mx_block
+from tapeout.hdl import timing as tm
+from tapeout.hdl.rowserial import ROW_ARCH_WORD_LINES, ROW_FORMATS, RowSpec
 
 from .base import family_for
 from .estimate import (T_AND2, T_FLOP, T_MUX2, ModelShape, _Chip, _Energy, add_shared_parts, format_cost,
@@ -30,11 +32,11 @@ ROW_ARCH_DEFAULTS: dict[str, int] = {
     "chain_tiles": 0,          # tiles per chain (0: ceil(hidden / tile_cols), at most 32)
     "chains": 0,               # chains per layer (0: the fewest whose word lines fit the tiles)
     "head_chains": 0,          # chains of the LM head (0: as for the layers)
-    "attn_positions_per_cycle": 8,   # KV positions the shared attention engine takes per cycle
-    "vector_lanes": 256,       # lanes of the shared vector units
-    "lat_norm": 8, "lat_rope": 2, "lat_softmax": 12, "lat_act": 3, "lat_embed": 2, "lat_residual": 1,
-    "lat_argmax": 2,
+    "attn_positions_per_cycle": 32,  # KV positions the attention engine takes per cycle, all heads at once
+    "vector_lanes": 256,       # values the shared vector units take per cycle
 }
+# the options a compiled chip's sequencer and RTL take (the rest shape the base die's fabric)
+CHIP_ARCH_KEYS = ("attn_positions_per_cycle", "vector_lanes")
 
 # the stage a linear joins: linears that read the same input run as one stage
 STAGE_OF = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "qkv_proj": "qkv", "o_proj": "o",
@@ -63,22 +65,10 @@ def check_arch(arch: dict | None) -> dict[str, int]:
         raise TapeoutError(f"unknown row-serial architecture option(s) {sorted(unknown)}; known: "
                            + ", ".join(ROW_ARCH_DEFAULTS))
     for key, value in a.items():
-        low = 0 if key in ("chain_tiles", "chains", "head_chains") or key.startswith("lat_") else 1
+        low = 0 if key in ("chain_tiles", "chains", "head_chains") else 1
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise TapeoutError(f"architecture option {key} must be an integer >= {low}, not {value!r}")
     return a
-
-
-def vector_cycles(n: int, latency: int, lanes: int) -> int:
-    """Cycles of a vector-unit op on ``n`` values per token: ``lanes`` values a cycle, then its latency."""
-    return -(-n // lanes) + latency
-
-
-def attention_cycles(attended: int, width: int, a: dict) -> int:
-    """Cycles of one layer's attention for a token that attends ``attended`` positions: the
-    shared engine takes ``attn_positions_per_cycle`` KV positions a cycle (all heads), then the
-    softmax latency and the ``width`` outputs through the vector lanes."""
-    return -(-attended // a["attn_positions_per_cycle"]) + a["lat_softmax"] + vector_cycles(width, 0, a["vector_lanes"])
 
 
 def stages_of(linears: list[tuple[str, int, int]]) -> dict[str, dict[str, list[tuple[int, int]]]]:
@@ -171,8 +161,9 @@ def estimate_rowserial(shape: ModelShape, fmt: str, tech="n7", *, context: int |
         if used > W:
             raise TapeoutError(f"{g}: {used} word lines on {P} chains; the tiles have {W} (raise chains or word_lines)")
         plan[g] = {"chains": P, "tiles": P * K, "word_lines_used": used,
-                   "stages": {s.split("@")[0]: stage_cycles(sum(o for o, _ in lins), lins[0][1], chains=P,
-                                                            chain_tiles=K, cols=C) for s, lins in st.items()},
+                   "stages": {s.split("@")[0]: tm.linear(lins[0][1], mx_block(lins[0][1]), sum(o for o, _ in lins),
+                                                         a["vector_lanes"], chains=P, chain_tiles=K, cols=C)
+                              for s, lins in st.items()},
                    "max_in": max(lins[0][1] for lins in st.values())}
     tiles = sum(p["tiles"] for p in plan.values())
     chains = sum(p["chains"] for p in plan.values())
@@ -225,20 +216,19 @@ def estimate_rowserial(shape: ModelShape, fmt: str, tech="n7", *, context: int |
     chip.add("routing", extra_area_mm2=ROUTING * logic_mm2, counts={"fraction_of_logic": ROUTING})
 
     # ---- cycles: one token, layer after layer
+    # the RTL's micro-op cycles (hdl.timing): the chip's sequencer counts the same
     h, H, KV, D, I, V = shape.hidden, shape.heads, shape.kv_heads, shape.head_dim, shape.intermediate, a["vector_lanes"]
-
-    def vec(n: int, lat: int) -> int:
-        return vector_cycles(n, lat, V)
+    act = "silu" if shape.gated_mlp else "gelu"
 
     def layer_cycles(attended: int, st: dict[str, int]) -> dict[str, int]:
-        out = {"norm_1": vec(h, a["lat_norm"]), "qkv_proj": st.get("qkv", 0)}
-        if not shape.positions:                    # rope models rotate q and k; learned positions do not
-            out["rope"] = vec((H + KV) * D, a["lat_rope"])
-        out.update(attention=attention_cycles(attended, H * D, a), o_proj=st.get("o", 0),
-                   residual_1=vec(h, a["lat_residual"]), norm_2=vec(h, a["lat_norm"]))
+        out = {"norm_1": tm.norm(h, shape.norm, V), "qkv_proj": st.get("qkv", 0)}
+        if not shape.positions:                    # rope models rotate q, then k; learned positions do not
+            out["rope"] = tm.rope(H * D, V) + tm.rope(KV * D, V)
+        out.update(attention=tm.attention(attended, H, KV, D, V, a["attn_positions_per_cycle"]),
+                   o_proj=st.get("o", 0), residual_1=tm.elementwise(h, V), norm_2=tm.norm(h, shape.norm, V))
         if I:
-            out.update(mlp_in=st.get("mlp_in", 0), act=vec(I, a["lat_act"]), mlp_out=st.get("mlp_out", 0),
-                       residual_2=vec(h, a["lat_residual"]))
+            out.update(mlp_in=st.get("mlp_in", 0), act=tm.act(I, act, V), mlp_out=st.get("mlp_out", 0),
+                       residual_2=tm.elementwise(h, V))
         for name, c in st.items():                 # a linear of another role: a stage of its own
             if name not in LAYER_STAGES:
                 out[name] = c
@@ -247,15 +237,15 @@ def estimate_rowserial(shape: ModelShape, fmt: str, tech="n7", *, context: int |
     layer_groups = [g for g in plan if LAYER_GROUP.match(g)]
     per_layer = {g: layer_cycles(ctx, plan[g]["stages"]) for g in layer_groups}
     mean_layer = {g: layer_cycles(max(1, ctx // 2), plan[g]["stages"]) for g in layer_groups}
-    head = {"embed": a["lat_embed"]}
+    head = {"embed": tm.embed(h, V)}
     if shape.positions:                            # a learned position embedding added to the token's
-        head["pos_embed"] = vec(h, a["lat_residual"])
-    head["final_norm"] = vec(h, a["lat_norm"])
+        head["pos_embed"] = tm.elementwise(h, V, table=True)
+    head["final_norm"] = tm.norm(h, shape.norm, V)
     for g in plan:                                 # the head's linears (lm_head, an MLM transform, ...)
         if g not in per_layer:
             head.update(plan[g]["stages"])
     if "lm_head" in plan:
-        head["argmax"] = a["lat_argmax"]
+        head["argmax"] = tm.argmax(shape.vocab, V)
     cycles = sum(sum(c.values()) for c in per_layer.values()) + sum(head.values())
     mean_cycles = sum(sum(c.values()) for c in mean_layer.values()) + sum(head.values())
     clock = v["clock_hz"]

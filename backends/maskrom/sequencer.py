@@ -14,10 +14,10 @@ whole window of ``S`` positions; the sequencer takes the same ops at one positio
   over positions ``0..t``;
 - data movement (reshape, transpose, split) is addressing, free at run time.
 
-Each instruction has a unit and a cycle count. The costs are the ones the estimate uses
-(``rowchip.vector_cycles``, ``attention_cycles``, ``hdl.rowserial.stage_cycles``), so the
-sequencer's cycles per token and ``tapeout estimate``'s agree by construction, and a test holds
-them equal on the compiled tiny models.
+Each instruction has a unit and a cycle count. The costs are the whole-chip RTL's
+(``hdl.timing``), which the estimate uses too, so the sequencer's cycles per token, the RTL's
+and ``tapeout estimate``'s agree by construction, and tests hold them equal on the compiled
+tiny models.
 """
 from __future__ import annotations
 
@@ -31,18 +31,15 @@ import numpy as np
 from tapeout.compiler.errors import TapeoutError
 from tapeout.compiler.golden.model import KERNELS, PLUMBING
 from tapeout.compiler.program import IntegerProgram
-from tapeout.hdl.rowserial import stage_cycles
+from tapeout.compiler.golden import fixed as fx
+from tapeout.hdl import timing as tm
 
-from .rowchip import LAYER_GROUP, ROW_ARCH_DEFAULTS, STAGE_OF, attention_cycles, vector_cycles
+from .rowchip import LAYER_GROUP, ROW_ARCH_DEFAULTS, STAGE_OF
 
-FORMAT, VERSION = "tapeout-sequencer", 1
+FORMAT, VERSION = "tapeout-sequencer", 2
 ELEMENTWISE = {"Add", "Sub", "Mul", "Neg", "Where", "Identity", "Cast", "rmsnorm", "layernorm", "silu", "gelu",
                "gated_mlp"}
 RESHAPES = {"Reshape", "Squeeze", "Unsqueeze", "Flatten"}
-VECTOR_LAT = {"rmsnorm": "lat_norm", "layernorm": "lat_norm", "gated_mlp": "lat_act", "silu": "lat_act",
-              "gelu": "lat_act", "Add": "lat_residual", "Sub": "lat_residual", "Mul": "lat_residual",
-              "Neg": "lat_residual", "rope": "lat_rope"}
-
 
 class ChipLoweringError(TapeoutError):
     """The program cannot run one token at a time on the chip (names the op)."""
@@ -61,10 +58,10 @@ class Instr:
     kinds: list[str]
     width: int                 # values per token the unit produces
     cycles: int                # fixed cycles
-    per_key: bool = False      # attention: + ceil(attended / keys_per_cycle)
+    per_key: int = 0           # attention: + per_key * ceil(attended / keys_per_cycle) (its passes)
 
     def at(self, attended: int, keys_per_cycle: int) -> int:
-        return self.cycles + (-(-attended // keys_per_cycle) if self.per_key else 0)
+        return self.cycles + int(self.per_key) * -(-attended // keys_per_cycle)
 
 
 @dataclass
@@ -113,10 +110,10 @@ class Sequencer:
         ppc = self.arch["attn_positions_per_cycle"]
         lines = [f"# tapeout sequencer: one token; {len(self.instrs)} instructions, context {self.context}",
                  f"# cycles: {self.cycles_at(0):,} at position 0, {self.cycles_at(self.context - 1):,} at position "
-                 f"{self.context - 1}; attention adds 1 cycle per {ppc} keys",
+                 f"{self.context - 1}; attention adds {tm.ATTENTION_PASSES} cycles per {ppc} keys",
                  f"# {'idx':>5} {'unit':9s} {'group':10s} {'stage':12s} {'width':>6} {'cycles':>7}  ops"]
         for i in self.instrs:
-            cyc = f"{i.cycles}+t/{ppc}" if i.per_key else str(i.cycles)
+            cyc = f"{i.cycles}+{i.per_key}t/{ppc}" if i.per_key else str(i.cycles)
             lines.append(f"  {i.index:5d} {i.unit:9s} {i.group:10s} {i.stage:12s} {i.width:6d} {cyc:>7}  "
                          + ", ".join(f"{k} {o}" for k, o in zip(i.kinds, i.ops)))
         return "\n".join(lines) + "\n"
@@ -325,21 +322,24 @@ def build(prog: IntegerProgram, plan: dict, *, context: int | None = None, arch:
     lanes = a["vector_lanes"]
     logits = prog.interface.logits
 
-    def add(unit, stage, group, op, width, cost, *, per_key=False, join=False):
+    def add(unit, stage, group, op, width, cost, *, per_key=0, join=False, stacked=False):
         """A new instruction of ``cost(width)`` cycles, or with ``join`` this op added to the
-        previous instruction of the same unit, stage and group (one stage: q/k/v, gate/up, the
-        ropes of q and k), its cycles recomputed for the joined width."""
+        previous instruction of the same unit, stage and group: ``stacked`` (a fabric stage:
+        q/k/v, gate/up) recomputes the cycles for the stacked rows; otherwise (the ropes of q
+        and k) the ops run one after the other and their cycles add up. The costs are the
+        RTL's (``hdl.timing``)."""
         prev = instrs[-1] if instrs else None
         if join and prev and (prev.unit, prev.stage, prev.group) == (unit, stage, group):
             prev.ops.append(op.name)
             prev.kinds.append(op.kind)
             prev.width += width
-            prev.cycles = cost(prev.width)
+            prev.cycles = cost(prev.width) if stacked else prev.cycles + cost(width)
             return
         instrs.append(Instr(len(instrs), unit, stage, group, [op.name], [op.kind], width, cost(width), per_key))
 
-    def vec(lat):
-        return lambda n: vector_cycles(n, a[lat], lanes)
+    def table_operand(op) -> bool:
+        """An elementwise op whose second operand is a ROM row (a constant or a position table)."""
+        return any(t and axis.get(t) is None for t in op.inputs[:2])
 
     stage_in: dict[tuple[str, str], str] = {}
     for op in ops:
@@ -352,7 +352,8 @@ def build(prog: IntegerProgram, plan: dict, *, context: int | None = None, arch:
             continue                                   # addressing
         if k == "Gather":
             stage = "embed" if op.inputs[1] == prog.interface.tokens else "table"
-            add("embed", stage, "head", op, _width(prog, outs[0], axis[outs[0]]), lambda n: a["lat_embed"])
+            add("embed", stage, "head", op, _width(prog, outs[0], axis[outs[0]]),
+                lambda n: tm.embed(n, lanes) if stage == "embed" else 0)
             continue
         if k == "linear":
             grp = group_of_linear[op.name]
@@ -364,8 +365,9 @@ def build(prog: IntegerProgram, plan: dict, *, context: int | None = None, arch:
             P = plan["chains"][plan["group_of"][lin_index[op.name]]]
             same_input = stage_in.get((grp, name)) == op.inputs[0]    # linears of one stage read one input
             stage_in[(grp, name)] = op.inputs[0]
-            add("fabric", name, grp, op, rows, lambda n, c=cols, P=P: stage_cycles(
-                n, c, chains=P, chain_tiles=plan["chain_tiles"], cols=plan["tile_cols"]), join=same_input)
+            add("fabric", name, grp, op, rows, lambda n, c=cols, P=P: tm.linear(
+                c, fx.mx_block(c), n, lanes, chains=P, chain_tiles=plan["chain_tiles"], cols=plan["tile_cols"]),
+                join=same_input, stacked=True)
             last_group = grp
             continue
         width = _width(prog, outs[0], axis[outs[0]])
@@ -373,29 +375,37 @@ def build(prog: IntegerProgram, plan: dict, *, context: int | None = None, arch:
             attn.append(op.name)
             kshape = g.tensors[op.inputs[1]].shape
             kv[op.name] = (int(kshape[1]), int(kshape[-1]))
-            add("attention", "attention", last_group, op, width, lambda n: attention_cycles(0, n, a), per_key=True)
+            qshape = g.tensors[op.inputs[0]].shape
+            add("attention", "attention", last_group, op, width,
+                lambda n, H=int(qshape[1]), Hkv=int(kshape[1]), D=int(qshape[-1]): tm.attention_fixed(H, Hkv, D, lanes),
+                per_key=tm.ATTENTION_PASSES)
         elif k in ("rmsnorm", "layernorm"):
             grp = forward_group(op) or last_group
             grp = grp if LAYER_GROUP.match(grp) else "head"
             n = sum(1 for i in instrs if i.group == grp and i.stage.startswith("norm"))
-            add("vector", f"norm_{n + 1}" if grp != "head" else "final_norm", grp, op, width, vec("lat_norm"))
+            add("vector", f"norm_{n + 1}" if grp != "head" else "final_norm", grp, op, width,
+                lambda n, kind=k: tm.norm(n, kind, lanes))
         elif k == "rope":
-            add("vector", "rope", last_group, op, width, vec("lat_rope"), join=True)
+            add("vector", "rope", last_group, op, width, lambda n: tm.rope(n, lanes), join=True)
         elif k in ("gated_mlp", "silu", "gelu"):
-            add("vector", "act", last_group, op, width, vec("lat_act"))
+            act = op.attr("activation", "silu") if k == "gated_mlp" else k
+            kind = "gelu" if act.startswith("gelu") else "silu"
+            add("vector", "act", last_group, op, width, lambda n, kind=kind: tm.act(n, kind, lanes))
         elif k in ("Add", "Sub", "Mul", "Neg"):
+            cost = (lambda n, tb=table_operand(op): tm.elementwise(n, lanes, tb))
             if last_group == "head" and not attn:
-                add("vector", "pos_embed", "head", op, width, vec("lat_residual"))
+                add("vector", "pos_embed", "head", op, width, cost)
             else:
                 n = sum(1 for i in instrs if i.group == last_group and i.stage.startswith("residual"))
-                add("vector", f"residual_{n + 1}", last_group, op, width, vec("lat_residual"))
+                add("vector", f"residual_{n + 1}", last_group, op, width, cost)
         elif k in KERNELS:
             raise ChipLoweringError(f"the sequencer has no unit for {k}", node=op.name, op=k)
     if logits is None or axis.get(logits) is None:
         raise ChipLoweringError("the chip needs the logits output to pick the next token")
     head_op = prog.graph.producer_op(logits)
+    vocab = _width(prog, logits, axis[logits])
     instrs.append(Instr(len(instrs), "argmax", "argmax", "head", [head_op.name if head_op else logits], ["argmax"],
-                        1, a["lat_argmax"]))
+                        1, tm.argmax(vocab, lanes)))
     return Sequencer(S, ctx, axis, tables, attn, instrs, a, logits, kv)
 
 

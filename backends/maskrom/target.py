@@ -28,7 +28,16 @@ class MaskromTarget(Target):
         tile_list(args.gds_tiles)
         if args.context is not None and args.context < 1:
             raise TapeoutError(f"--context must be >= 1, not {args.context}")
-        return {"base": args.base, "context": args.context, "gds_tiles": args.gds_tiles, "verify": args.verify}
+        from tapeout.commands import _arch_options
+        from .rowchip import CHIP_ARCH_KEYS, check_arch
+        arch = _arch_options(getattr(args, "arch", None) or [])
+        wrong = sorted(set(arch) - set(CHIP_ARCH_KEYS))
+        if wrong:
+            raise TapeoutError(f"compile --arch takes {' and '.join(CHIP_ARCH_KEYS)}, not {', '.join(wrong)} "
+                               "(the fabric's options are the base die's; tapeout estimate takes them all)")
+        check_arch(arch)
+        return {"base": args.base, "context": args.context, "gds_tiles": args.gds_tiles, "verify": args.verify,
+                "arch": arch}
 
     def preflight(self, graph, summary: dict, fmt: str, opts: dict) -> None:
         from tapeout.compiler.qmodel import linear_ops, weight_matrix
@@ -62,7 +71,8 @@ class MaskromTarget(Target):
     def compile(self, program, out, opts: dict, step) -> tuple[dict, str]:
         from .compile import compile_maskrom
         report = compile_maskrom(program, out, base_name=opts["base"], context=opts["context"],
-                                 gds_tiles=tile_list(opts["gds_tiles"]), verify=opts["verify"], step=step)
+                                 gds_tiles=tile_list(opts["gds_tiles"]), verify=opts["verify"], step=step,
+                                 arch=opts.get("arch"))
         report["quantization"] = dict(program.quant)
         out.write_json("report.json", report)
         headline = (f"{report['base']} ({report['tiles_used']} of {report['tiles']} tiles), "
