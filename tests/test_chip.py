@@ -195,3 +195,26 @@ def test_run_verilator_refuses_a_chip_too_large_for_the_rtl_path(chips, capsys, 
     np.save(ids, np.array([1]))
     code, _, err = run_cli(capsys, "run", chips[FAMILIES[0]], "--tokens", ids, "--new-tokens", 2, "--engine", "verilator")
     assert_one_line_error(code, err, "Mbit of word-line ROM", "--engine chip")
+
+
+def test_compile_arch_sizes_the_chip_and_refuses_fabric_keys(tiny, tmp_path, capsys):
+    """`compile --arch` takes the chip's vector_lanes and attn_positions_per_cycle: they reach
+    the sequencer (its cycles change as hdl.timing says) and the manifest; a fabric key, an
+    unknown key or a bad value is one line, exit 2, no folder."""
+    src = _export(tiny, "llama", "dynamo", False)
+    out = tmp_path / "c16"
+    code, _, err = run_cli(capsys, "compile", src, "--target", "maskrom", "--format", "nvfp4", "-o", out,
+                           "--arch", "vector_lanes=16", "--arch", "attn_positions_per_cycle=2")
+    assert code == 0, err
+    seq = json.loads((out / "chip/sequencer.json").read_text())
+    assert seq["arch"]["vector_lanes"] == 16 and seq["arch"]["attn_positions_per_cycle"] == 2
+    norm = next(i for i in seq["instructions"] if i["stage"] == "norm_1")
+    assert norm["cycles"] == 3 * (64 // 16) + 108             # tiny Llama: hidden 64, RMSNorm
+    assert json.loads((out / "manifest.json").read_text())["options"]["arch"] == {
+        "vector_lanes": 16, "attn_positions_per_cycle": 2}
+    for bad, says in ((["--arch", "word_lines=512"], "word_lines"), (["--arch", "lanes=3"], "lanes"),
+                      (["--arch", "vector_lanes=0"], "vector_lanes")):
+        dst = tmp_path / f"bad-{says}"
+        code, _, err = run_cli(capsys, "compile", src, "--target", "maskrom", "--format", "nvfp4", "-o", dst, *bad)
+        assert_one_line_error(code, err, says)
+        assert not dst.exists()
