@@ -130,7 +130,8 @@ def build_spec(prog, layers, plan, seq) -> dict:
             dst = operand(outs[0])[0]
             prev = ops[-1] if ops else None
             if (prev is not None and prev["kind"] == "linear" and _same(prev["src"], src)
-                    and plan["group_of"][prev["linears"][0]] == plan["group_of"][li]):
+                    and plan["group_of"][prev["linears"][0]] == plan["group_of"][li]
+                    and _stage(layers.roles[prev["linears"][0]]) == _stage(layers.roles[li])):
                 prev["linears"].append(li)             # one stage: the linears that read this input
                 prev["names"].append(op.name)
                 prev["dsts"].append((dst, int(layers.shapes[li][0])))
@@ -193,6 +194,13 @@ def build_spec(prog, layers, plan, seq) -> dict:
     return {"storages": storages, "ops": ops, "context": ctx, "vocab": int(itf.vocab),
             "act_bits": int(prog.config.act_bits), "lanes": int(seq.arch["vector_lanes"]),
             "positions": int(seq.arch["attn_positions_per_cycle"])}
+
+
+def _stage(role: str) -> str:
+    """The fabric stage a linear joins (q/k/v, gate/up: the sequencer's and the estimate's)."""
+    from .rowchip import STAGE_OF
+    r = role.rpartition(".")[2]
+    return STAGE_OF.get(r, r)
 
 
 def _same(a, b) -> bool:
