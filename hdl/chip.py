@@ -9,13 +9,15 @@ protocol is as follows:
 - the edge after it finishes raises ``done`` for one cycle, with ``next_token`` (the argmax of
   the logits) and ``cycles`` (the token's cycles, start edge to done).
 
-Each micro-op is a state of the sequencer's FSM. It streams its operands into its unit, one
-element or block per cycle, and writes the unit's outputs back. The operands are read from the
-activation memories (one per tensor of the token) through address ROMs, which carry the
-program's data movement. Norm, activation, attention and MXINT units are shared by every
-micro-op of their shape. Each linear has its own row-serial tiles with a folded ROM, which is
-small enough for the tiny models. SRAM macros and the base-die tile view for large models are
-open items in docs/chip.md.
+Each micro-op is a state (or a few) of the sequencer's FSM. It streams its operands into its
+unit in chunks of ``spec["lanes"]`` values (or MXINT blocks) per cycle and writes the unit's
+outputs back. The operands are read from the activation registers (one set per tensor of the
+token); where each lane reads from is static, so the program's data movement is wiring (a mux
+over the chunks when there are several). Norm, activation and MXINT units are shared by every
+micro-op of their shape; each attention op has its ``AttentionEngine`` with its KV cache. Each
+fabric stage has its own row-serial tiles with a folded ROM, which is small enough for the tiny
+models. The cycles of every micro-op are ``hdl.timing``'s. SRAM macros and the base-die tile
+view for large models are open items in docs/chip.md.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from .rowserial import RowSerialLinear
-from .timing import attention_block
+from tapeout.compiler.golden.fixed import mx_block
+
 from .vector import (INT32_MIN, Activation, ArgmaxTree, AttentionEngine, MulQ16, MxQuant, NormUnit, ResidualAdd,
                      RopeLane)
 
@@ -43,6 +46,14 @@ def _rom_wide(m: Module, name: str, rows, width: int):
     mem = Memory(shape=unsigned(width * rows.shape[1]), depth=len(words), init=words)
     m.submodules[name] = mem
     return mem.read_port()
+
+
+def _chunked(rows, count: int, L: int) -> np.ndarray:
+    """ROM rows [r, count] -> [r * chunks, L], each row's chunks of ``L`` lanes, zero-padded."""
+    rows = np.asarray(rows, np.int64).reshape(-1, count)
+    pad = np.zeros((rows.shape[0], -(-count // L) * L), np.int64)
+    pad[:, :count] = rows
+    return pad.reshape(-1, L)
 
 
 def _lane(word, k: int, width: int):
@@ -186,9 +197,7 @@ class ChipTop(wiring.Component):
         V, F = table.shape
         L = self.lanes(F)
         st = -(-F // L)
-        pad = np.zeros((V, st * L), np.int64)
-        pad[:, :F] = table
-        rp = _rom_wide(m, f"embed{n}", pad.reshape(V * st, L), 32)
+        rp = _rom_wide(m, f"embed{n}", _chunked(table, F, L), 32)
         with m.State(f"op{n}"):
             m.d.comb += rp.addr.eq(token * st + i)
             m.d.sync += i.eq(i + 1)
@@ -251,11 +260,7 @@ class ChipTop(wiring.Component):
         unit = m.submodules[f"{kind}{n}"] = MulQ16(L) if kind == "mul" else ResidualAdd(L)
         m.d.comb += unit.valid.eq(0)
         rows = op["rows"]
-        rp = None
-        if rows is not None:
-            pad = np.zeros((rows.shape[0], st * L), np.int64)
-            pad[:, :cnt] = rows
-            rp = _rom_wide(m, f"rows{n}", pad.reshape(-1, L), 32)
+        rp = None if rows is None else _rom_wide(m, f"rows{n}", _chunked(rows, cnt, L), 32)
         with m.State(f"op{n}"):
             if rp is not None:
                 m.d.comb += rp.addr.eq((pos if rows.shape[0] > 1 else 0) * st + i)
@@ -283,14 +288,9 @@ class ChipTop(wiring.Component):
         st = -(-cnt // L)
         unit = m.submodules[f"rope{n}"] = RopeLane(L)
         m.d.comb += unit.valid.eq(0)
-
-        def wide(rows):
-            pad = np.zeros((rows.shape[0], st * L), np.int64)
-            pad[:, :cnt] = rows
-            return pad.reshape(-1, L)
-        cp = _rom_wide(m, f"cos{n}", wide(op["cos"]), 32)
-        sp = _rom_wide(m, f"sin{n}", wide(op["sin"]), 32)
-        neg = wide((np.asarray(op["sign"]) < 0).astype(np.int64)[None])
+        cp = _rom_wide(m, f"cos{n}", _chunked(op["cos"], cnt, L), 32)
+        sp = _rom_wide(m, f"sin{n}", _chunked(op["sin"], cnt, L), 32)
+        neg = _chunked(np.asarray(op["sign"]) < 0, cnt, L)
         with m.State(f"op{n}"):
             m.d.comb += [cp.addr.eq(pos * st + i), sp.addr.eq(pos * st + i)]
             for k, elems in enumerate(self.chunks(cnt, L)):
@@ -409,7 +409,7 @@ class ChipTop(wiring.Component):
         counter, q into registers; then the engine attends positions 0..pos for every head."""
         H, Hkv, D = op["heads"], op["kv_heads"], op["d"]
         bits = self.spec["act_bits"]
-        B = attention_block(D)
+        B = mx_block(D)
         nb = D // B
         nk = Hkv * nb
         q_ports = max(1, self.L // B)
@@ -612,7 +612,7 @@ def rtl_cycles(spec: dict, position: int) -> dict[str, int]:
             c = tm.norm(len(op["src"][1]), op["norm"], L)
         elif k == "linear":
             img = op["image"]
-            c = tm.linear(img.in_dim, op["block"], img.out_dim, L, chains=img.chains,
+            c = tm.linear(img.in_dim, img.out_dim, L, chains=img.chains,
                           chain_tiles=img.chain_tiles, cols=img.spec.cols)
         elif k == "attention":
             c = tm.attention(position + 1, op["heads"], op["kv_heads"], op["d"], L, P)

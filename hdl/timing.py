@@ -11,11 +11,13 @@ chunks it issues, plus its unit's pipeline latency (``hdl/vector.py``).
 """
 from __future__ import annotations
 
+from tapeout.compiler.golden.fixed import mx_block
+
 from .rowserial import stage_cycles
 from .vector import Activation, ArgmaxTree, AttentionEngine, MxQuant, NormUnit
 
 __all__ = ["steps", "embed", "elementwise", "rope", "act", "norm", "mx", "linear", "attention_fixed",
-           "ATTENTION_PASSES", "attention", "argmax", "attention_block"]
+           "ATTENTION_PASSES", "attention", "argmax"]
 
 ATTENTION_PASSES = 3      # scores, exp, P.V: each takes ceil(attended / positions) cycles
 
@@ -56,23 +58,19 @@ def mx(blocks: int, block: int, lanes: int) -> int:
     return steps(blocks, max(1, int(lanes) // int(block))) + MxQuant.LATENCY
 
 
-def linear(in_dim: int, block: int, rows: int, lanes: int, *, chains: int, chain_tiles: int, cols: int) -> int:
-    """A fabric stage: its input's MXINT blocks, the start cycle, then the row-serial stage of
-    ``rows`` rows (the stacked rows of the linears that read this input)."""
+def linear(in_dim: int, rows: int, lanes: int, *, chains: int, chain_tiles: int, cols: int) -> int:
+    """A fabric stage: its input's MXINT blocks (golden's block for ``in_dim``), the start
+    cycle, then the row-serial stage of ``rows`` rows (the stacked rows of the linears that
+    read this input)."""
+    block = mx_block(in_dim)
     return (mx(in_dim // block, block, lanes) + 1
             + stage_cycles(rows, in_dim, chains=chains, chain_tiles=chain_tiles, cols=cols))
-
-
-def attention_block(d: int) -> int:
-    """The MXINT block of a head of ``d`` (``golden.fixed.mx_block`` with the 32-value block)."""
-    import math
-    return d if d < 32 else 32 if d % 32 == 0 else math.gcd(d, 32)
 
 
 def attention_fixed(heads: int, kv_heads: int, d: int, lanes: int) -> int:
     """The cycles of an attention op that do not grow with the positions attended: the MXINT
     of the token's k, v and q blocks, the start pulse, the engine's fixed cycles."""
-    B = attention_block(d)
+    B = mx_block(d)                          # the MXINT block of a head (golden's)
     nb = d // B
     return mx(2 * kv_heads * nb + heads * nb, B, lanes) + 1 + AttentionEngine.cycles(0, 1)
 

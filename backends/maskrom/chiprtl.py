@@ -22,7 +22,6 @@ from tapeout.compiler.golden.model import PLUMBING
 from tapeout.compiler.interp import run_op
 
 from . import rowfabric
-from .layers import extract
 
 ID = 1 << 24          # provenance encoding: storage * ID + index
 MAX_RTL_ROM_BITS = 1 << 24   # folded word-line ROM a Verilator build of ChipTop handles here (tiny: ~1 Mbit)
@@ -133,10 +132,9 @@ def build_spec(prog, layers, plan, seq) -> dict:
                     and plan["group_of"][prev["linears"][0]] == plan["group_of"][li]
                     and _stage(layers.roles[prev["linears"][0]]) == _stage(layers.roles[li])):
                 prev["linears"].append(li)             # one stage: the linears that read this input
-                prev["names"].append(op.name)
                 prev["dsts"].append((dst, int(layers.shapes[li][0])))
             else:
-                ops.append({"kind": "linear", "names": [op.name], "src": src, "linears": [li],
+                ops.append({"kind": "linear", "src": src, "linears": [li],
                             "dsts": [(dst, int(layers.shapes[li][0]))], "block": fx.mx_block(int(layers.shapes[li][1]))})
         elif k in ("rmsnorm", "layernorm"):
             src = operand(op.inputs[0])

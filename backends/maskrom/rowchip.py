@@ -18,7 +18,6 @@ from typing import Any
 
 from tapeout.compiler.errors import TapeoutError
 from tapeout.compiler.quant.formats import W3O6_OUTLIER_FRAC
-from tapeout.compiler.golden.fixed import mx_block
 from tapeout.hdl import timing as tm
 from tapeout.hdl.rowserial import ROW_ARCH_WORD_LINES, ROW_FORMATS, RowSpec
 
@@ -161,8 +160,8 @@ def estimate_rowserial(shape: ModelShape, fmt: str, tech="n7", *, context: int |
         if used > W:
             raise TapeoutError(f"{g}: {used} word lines on {P} chains; the tiles have {W} (raise chains or word_lines)")
         plan[g] = {"chains": P, "tiles": P * K, "word_lines_used": used,
-                   "stages": {s.split("@")[0]: tm.linear(lins[0][1], mx_block(lins[0][1]), sum(o for o, _ in lins),
-                                                         a["vector_lanes"], chains=P, chain_tiles=K, cols=C)
+                   "stages": {s.split("@")[0]: tm.linear(lins[0][1], sum(o for o, _ in lins), a["vector_lanes"],
+                                                         chains=P, chain_tiles=K, cols=C)
                               for s, lins in st.items()},
                    "max_in": max(lins[0][1] for lins in st.values())}
     tiles = sum(p["tiles"] for p in plan.values())

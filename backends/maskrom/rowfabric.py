@@ -38,48 +38,37 @@ def linear_image(layers: ViaLayers, li: int, plan: dict, e=None) -> RowImage:
     """The word lines of linear ``li`` (from the extracted via layers) on its group's chains.
     The image's tile window holds this linear's word lines only; the other stages of its layer
     use the tiles' other word lines."""
-    fam = layers.base.family
-    e = extract(layers, li) if e is None else e      # a caller that extracted it already passes it
-    U, g = fam.unit, e.group_size
-    unit_gs = np.repeat(e.group_scale, g // U, axis=1) if g >= U else e.group_scale[:, :: U // g]
-    P, K, C = plan["chains"][plan["group_of"][li]], plan["chain_tiles"], plan["tile_cols"]
-    o, i = e.codes.shape
-    lines = -(-o // P) * -(-i // (K * C))
-    spec = RowSpec(ROW_FORMATS[plan["family"]], word_lines=lines, cols=C, unit=U,
-                   act_bits=fam.act_bits, acc_bits=fam.acc_bits)
-    try:
-        return row_image(spec, e.codes, unit_gs, e.mult, e.shift, e.bias, chains=P, chain_tiles=K)
-    except ValueError as err:
-        raise TapeoutError(f"{layers.roles[li]} ({layers.names[li]}) does not fit the row-serial word line: {err}") from None
+    return stage_image(layers, [li], plan, None if e is None else [e])
 
 
-def stage_image(layers: ViaLayers, lis: list[int], plan: dict) -> RowImage:
+def stage_image(layers: ViaLayers, lis: list[int], plan: dict, es=None) -> RowImage:
     """The word lines of a fabric stage: the linears ``lis`` (one input, one layer group) with
     their rows stacked in order on the group's chains, as the estimate's stage prices them.
-    Row ``r`` of the stack is on chain ``r % chains``, row slot ``r // chains``."""
-    if len(lis) == 1:
-        return linear_image(layers, lis[0], plan)
+    Row ``r`` of the stack is on chain ``r % chains``, row slot ``r // chains``. ``es``: their
+    extractions, when the caller has them."""
     fam = layers.base.family
-    es = [extract(layers, li) for li in lis]
+    es = [extract(layers, li) for li in lis] if es is None else es
     U = fam.unit
 
     def unit_gs(e):
         g = e.group_size
         return np.repeat(e.group_scale, g // U, axis=1) if g >= U else e.group_scale[:, :: U // g]
+    def cat(xs):                       # one linear (the compile's checks): no copy
+        return xs[0] if len(xs) == 1 else np.concatenate(xs)
     P, K, C = plan["chains"][plan["group_of"][lis[0]]], plan["chain_tiles"], plan["tile_cols"]
-    codes = np.concatenate([e.codes for e in es])
+    codes = cat([e.codes for e in es])
     o, i = codes.shape
     bias = None
     if any(e.bias is not None for e in es):
-        bias = np.concatenate([e.bias if e.bias is not None else np.zeros(e.codes.shape[0], np.int64) for e in es])
+        bias = cat([e.bias if e.bias is not None else np.zeros(e.codes.shape[0], np.int64) for e in es])
     spec = RowSpec(ROW_FORMATS[plan["family"]], word_lines=-(-o // P) * -(-i // (K * C)), cols=C, unit=U,
                    act_bits=fam.act_bits, acc_bits=fam.acc_bits)
     try:
-        return row_image(spec, codes, np.concatenate([unit_gs(e) for e in es]), np.concatenate([e.mult for e in es]),
-                         np.concatenate([e.shift for e in es]), bias, chains=P, chain_tiles=K)
+        return row_image(spec, codes, cat([unit_gs(e) for e in es]), cat([e.mult for e in es]),
+                         cat([e.shift for e in es]), bias, chains=P, chain_tiles=K)
     except ValueError as err:
-        raise TapeoutError(f"the stage of {', '.join(layers.roles[li] for li in lis)} does not fit the row-serial "
-                           f"word line: {err}") from None
+        what = ", ".join(f"{layers.roles[li]} ({layers.names[li]})" for li in lis)
+        raise TapeoutError(f"{what} does not fit the row-serial word line: {err}") from None
 
 
 def check_image(layers: ViaLayers, plan: dict, li: int, x: np.ndarray, y: np.ndarray, e=None) -> int:

@@ -31,7 +31,6 @@ import numpy as np
 from tapeout.compiler.errors import TapeoutError
 from tapeout.compiler.golden.model import KERNELS, PLUMBING
 from tapeout.compiler.program import IntegerProgram
-from tapeout.compiler.golden import fixed as fx
 from tapeout.hdl import timing as tm
 
 from .rowchip import LAYER_GROUP, ROW_ARCH_DEFAULTS, STAGE_OF
@@ -353,7 +352,7 @@ def build(prog: IntegerProgram, plan: dict, *, context: int | None = None, arch:
         if k == "Gather":
             stage = "embed" if op.inputs[1] == prog.interface.tokens else "table"
             add("embed", stage, "head", op, _width(prog, outs[0], axis[outs[0]]),
-                lambda n: tm.embed(n, lanes) if stage == "embed" else 0)
+                lambda n: tm.embed(n, lanes) if stage == "embed" else 0)   # a position table: addressing
             continue
         if k == "linear":
             grp = group_of_linear[op.name]
@@ -366,7 +365,7 @@ def build(prog: IntegerProgram, plan: dict, *, context: int | None = None, arch:
             same_input = stage_in.get((grp, name)) == op.inputs[0]    # linears of one stage read one input
             stage_in[(grp, name)] = op.inputs[0]
             add("fabric", name, grp, op, rows, lambda n, c=cols, P=P: tm.linear(
-                c, fx.mx_block(c), n, lanes, chains=P, chain_tiles=plan["chain_tiles"], cols=plan["tile_cols"]),
+                c, n, lanes, chains=P, chain_tiles=plan["chain_tiles"], cols=plan["tile_cols"]),
                 join=same_input, stacked=True)
             last_group = grp
             continue
