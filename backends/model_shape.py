@@ -101,6 +101,9 @@ _UNTIED_BY_DEFAULT = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", 
 _LEARNED_POSITIONS = {"gpt2", "bert", "roberta", "distilbert", "gpt_neo", "opt", "electra"}
 
 
+MAX_CONFIG_SIZE = 1 << 24      # any one size in a config (16.7 M: 100x the largest published vocabularies)
+
+
 def shape_from_hf_config(path: str | Path, *, context: int = 2048) -> ModelShape:
     """A :class:`ModelShape` from a HuggingFace ``transformers`` config.json (no weights).
 
@@ -121,14 +124,16 @@ def shape_from_hf_config(path: str | Path, *, context: int = 2048) -> ModelShape
     if isinstance(cfg.get("text_config"), dict) and "hidden_size" not in cfg:
         cfg = {**cfg, **cfg["text_config"]}
 
-    def need(*keys: str) -> int:
+    def need(*keys: str, default=None) -> int:
         for k in keys:
             if cfg.get(k) is not None:
                 value = cfg[k]
-                if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                    raise TapeoutError(f"config key {k!r} must be a positive integer, not {value!r}",
-                                       file=str(path))
+                if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_CONFIG_SIZE:
+                    raise TapeoutError(f"config key {k!r} must be a positive integer up to {MAX_CONFIG_SIZE:,}, "
+                                       f"not {value!r}", file=str(path))
                 return value
+        if default is not None:
+            return default
         alt = f" (or {', '.join(repr(k) for k in keys[1:])})" if len(keys) > 1 else ""
         raise TapeoutError(f"not a transformer config: missing key {keys[0]!r}{alt}; pass the config.json "
                            "of a transformers decoder or encoder model", file=str(path))
@@ -137,14 +142,18 @@ def shape_from_hf_config(path: str | Path, *, context: int = 2048) -> ModelShape
     layers = need("num_hidden_layers", "n_layer", "num_layers")
     heads = need("num_attention_heads", "n_head", "num_heads")
     vocab = need("vocab_size")
-    kv_heads = cfg.get("num_key_value_heads") or (1 if cfg.get("multi_query") else heads)
-    head_dim = cfg.get("head_dim") or hidden // heads
-    intermediate = cfg.get("intermediate_size") or cfg.get("n_inner") or cfg.get("ffn_dim") or 4 * hidden
+    kv_heads = need("num_key_value_heads", default=1 if cfg.get("multi_query") else heads)
+    head_dim = need("head_dim", default=max(1, hidden // heads))
+    intermediate = need("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden)
+    if heads % kv_heads:
+        raise TapeoutError(f"config: {heads} attention heads are not a multiple of {kv_heads} key/value heads",
+                           file=str(path))
     model_type = str(cfg.get("model_type", ""))
     act = str(cfg.get("hidden_act") or cfg.get("activation_function") or "")
     gated = act in ("silu", "swish", "swiglu") or model_type in _UNTIED_BY_DEFAULT
     tied = cfg.get("tie_word_embeddings", model_type not in _UNTIED_BY_DEFAULT)
-    max_pos = cfg.get("max_position_embeddings") or cfg.get("n_positions") or 0
+    max_pos = need("max_position_embeddings", "n_positions", default=0) if any(
+        cfg.get(k) not in (None, 0) for k in ("max_position_embeddings", "n_positions")) else 0
     norm = "layernorm" if model_type in _LEARNED_POSITIONS or "layer_norm_epsilon" in cfg \
         or "layer_norm_eps" in cfg else "rmsnorm"
     name = cfg.get("_name_or_path") or path.stem

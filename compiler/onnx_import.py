@@ -21,6 +21,63 @@ from .ir import Graph, Op, TensorInfo
 # ONNX domains whose ops we interpret; anything else is reported as unsupported.
 KNOWN_DOMAINS = {"", "ai.onnx"}
 
+# The largest tensor (initializer, constant or declared input/output) accepted, in bytes, checked
+# before anything is allocated; raise it with the environment variable TAPEOUT_MAX_TENSOR_BYTES.
+MAX_TENSOR_BYTES = 1 << 36     # 64 GiB: Llama-3.1-70B's largest tensor is 4.3 GB in fp32
+
+
+def max_tensor_bytes() -> int:
+    v = os.environ.get("TAPEOUT_MAX_TENSOR_BYTES")
+    if v is None:
+        return MAX_TENSOR_BYTES
+    try:
+        n = int(v)
+    except ValueError:
+        raise TapeoutError(f"TAPEOUT_MAX_TENSOR_BYTES={v!r} is not an integer number of bytes") from None
+    if n <= 0:
+        raise TapeoutError(f"TAPEOUT_MAX_TENSOR_BYTES={v!r} must be positive")
+    return n
+
+
+def check_shape(dims, itemsize: int, what: str, file: str, node: str | None = None) -> int:
+    """The element count of ``dims``, refused when a dimension is negative or the tensor would
+    exceed ``max_tensor_bytes()`` (checked in Python integers: no overflow, nothing allocated)."""
+    count = 1
+    for d in dims:
+        d = int(d)
+        if d < 0:
+            raise TapeoutError(f"{what} has a negative dimension {d} in {list(map(int, dims))}", file=file, node=node)
+        count *= d
+    limit = max_tensor_bytes()
+    if count * max(1, itemsize) > limit:
+        raise TapeoutError(f"{what} of shape {list(map(int, dims))} would take {count * max(1, itemsize):,} bytes, "
+                           f"more than the {limit:,} allowed (set TAPEOUT_MAX_TENSOR_BYTES to raise it)",
+                           file=file, node=node)
+    return count
+
+
+def _np_dtype(data_type: int, what: str, file: str, node: str | None = None) -> np.dtype:
+    try:
+        dt = np.dtype(helper.tensor_dtype_to_np_dtype(data_type))
+    except (KeyError, TypeError, ValueError):
+        raise TapeoutError(f"{what} has an undefined data type {data_type}", file=file, node=node) from None
+    if data_type in (onnx.TensorProto.UNDEFINED, onnx.TensorProto.STRING):
+        raise TapeoutError(f"{what} has data type {onnx.TensorProto.DataType.Name(data_type)}, not a number",
+                           file=file, node=node)
+    return dt
+
+
+def tensor_array(t: onnx.TensorProto, what: str, file: str, node: str | None = None) -> np.ndarray:
+    """An inline TensorProto as numpy: data type, shape and size checked first, and data that
+    does not fill the declared shape refused (``numpy_helper`` would raise a bare ValueError)."""
+    dt = _np_dtype(t.data_type, what, file, node)
+    check_shape(t.dims, dt.itemsize, what, file, node)
+    try:
+        return numpy_helper.to_array(t)
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError) as e:
+        raise TapeoutError(f"{what}: its data does not fill its shape {list(t.dims)} "
+                           f"({onnx.TensorProto.DataType.Name(t.data_type)}): {e}", file=file, node=node) from None
+
 
 def load(path: str | os.PathLike, *, check_finite: bool = True) -> Graph:
     """Read an ONNX file into a Graph. External data is memory-mapped, never copied."""
@@ -36,7 +93,11 @@ def load(path: str | os.PathLike, *, check_finite: bool = True) -> Graph:
     except OSError as e:
         raise TapeoutError(f"cannot read: {e.strerror}", file=file) from None
     model = parse_bytes(data, file)
-    graph = from_proto(model, file=file, base_dir=str(path.parent))
+    try:
+        graph = from_proto(model, file=file, base_dir=str(path.parent))
+    except UnicodeDecodeError as e:
+        raise TapeoutError(f"a string field of the model is not valid UTF-8 (the file is corrupt): {e.reason} "
+                           f"at byte {e.start}", file=file) from None
     if check_finite:
         check_weights_finite(graph)
     return graph
@@ -58,8 +119,13 @@ def parse_bytes(data: bytes, file: str) -> onnx.ModelProto:
 
 def from_proto(model: onnx.ModelProto, *, file: str = "<memory>", base_dir: str | None = None) -> Graph:
     """Convert a ModelProto to a Graph (external data resolved against ``base_dir``)."""
+    _check_opsets(model, file)
+    _check_declared_shapes(model, file)
     # external data first: its own messages are clearer than the checker's
     constants = [(init.name, _initializer(init, file, base_dir)) for init in model.graph.initializer]
+    constants += [(sp.values.name, _sparse(sp, file)) for sp in model.graph.sparse_initializer]
+    if model.graph.sparse_initializer:          # the checker and the inliner see them as dense
+        model = _densified(model, constants[len(model.graph.initializer):])
     try:
         # with a file the checker resolves external data against the model's folder
         on_disk = base_dir is not None and any(i.data_location == onnx.TensorProto.EXTERNAL
@@ -83,7 +149,7 @@ def from_proto(model: onnx.ModelProto, *, file: str = "<memory>", base_dir: str 
         graph.tensors[vi.name] = _tensor_info(vi)
     for name, value in constants:
         graph.add_constant(name, value)
-    inits = {i.name for i in g.initializer}
+    inits = {i.name for i in g.initializer} | {sp.values.name for sp in g.sparse_initializer}
     graph.inputs = [vi.name for vi in g.input if vi.name not in inits]
     graph.outputs = [vi.name for vi in g.output]
 
@@ -97,7 +163,7 @@ def from_proto(model: onnx.ModelProto, *, file: str = "<memory>", base_dir: str 
             value = _constant_value(node, file, name)
             graph.add_constant(node.output[0], value)
             continue
-        attrs = {a.name: _attr_value(a, file) for a in node.attribute}
+        attrs = {a.name: _attr_value(a, file, name) for a in node.attribute}
         if node.op_type in ("Softmax", "LogSoftmax", "Hardmax") and (node.domain or "") in KNOWN_DOMAINS \
                 and graph.meta["opsets"].get("", 0) < 13:
             attrs["coerce_2d"] = 1          # the pre-13 flatten-to-2-D semantics
@@ -141,27 +207,92 @@ def _tensor_info(vi: onnx.ValueInfoProto) -> TensorInfo:
     return TensorInfo(tuple(dims), dtype)
 
 
+def _check_opsets(model: onnx.ModelProto, file: str) -> None:
+    """Opset versions this onnx release defines: 1 .. its newest for the default domain."""
+    newest = onnx.defs.onnx_opset_version()
+    for o in model.opset_import:
+        if (o.domain or "") in KNOWN_DOMAINS and not 1 <= o.version <= newest:
+            raise TapeoutError(f"opset_import asks for ONNX opset {o.version}; this onnx knows opsets 1..{newest}",
+                               file=file)
+
+
+def _check_declared_shapes(model: onnx.ModelProto, file: str) -> None:
+    """Graph inputs and outputs declare no negative dimension and no tensor past the size limit."""
+    for kind, vis in (("input", model.graph.input), ("output", model.graph.output)):
+        for vi in vis:
+            tt = vi.type.tensor_type
+            if not tt.HasField("shape"):
+                continue
+            dims = [d.dim_value for d in tt.shape.dim if d.HasField("dim_value")]
+            check_shape(dims, 4, f"graph {kind} {vi.name!r}", file)
+
+
+def _sparse(sp: onnx.SparseTensorProto, file: str) -> np.ndarray:
+    """A sparse initializer as a dense array: ``indices`` flat [nnz] or coordinates [nnz, rank]."""
+    name = sp.values.name
+    what = f"sparse initializer {name!r}"
+    dims = [int(d) for d in sp.dims]
+    vals = tensor_array(sp.values, what, file).reshape(-1)
+    count = check_shape(dims, vals.dtype.itemsize, what, file)
+    idx = tensor_array(sp.indices, f"{what} indices", file).astype(np.int64)
+    if idx.ndim == 2 and idx.shape[1] == len(dims) and len(dims) > 0:
+        if (idx < 0).any() or (idx >= np.asarray(dims)).any():
+            raise TapeoutError(f"{what}: an index lies outside its shape {dims}", file=file)
+        idx = np.ravel_multi_index(tuple(idx.T), dims)
+    idx = idx.reshape(-1)
+    if idx.size != vals.size:
+        raise TapeoutError(f"{what}: {idx.size} indices for {vals.size} values", file=file)
+    if idx.size and (idx.min() < 0 or idx.max() >= count):
+        raise TapeoutError(f"{what}: an index lies outside its {count} elements", file=file)
+    dense = np.zeros(count, vals.dtype)
+    dense[idx] = vals
+    return dense.reshape(dims)
+
+
+def _densified(model: onnx.ModelProto, dense) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.graph.sparse_initializer[:]
+    m.graph.initializer.extend(numpy_helper.from_array(v, name) for name, v in dense)
+    return m
+
+
 def _initializer(init: onnx.TensorProto, file: str, base_dir: str | None) -> np.ndarray:
+    what = f"initializer {init.name!r}"
     if init.data_location != onnx.TensorProto.EXTERNAL:
-        return numpy_helper.to_array(init)
+        return tensor_array(init, what, file)
     info = {e.key: e.value for e in init.external_data}
     location = info.get("location", "")
+    if "\x00" in location:
+        raise TapeoutError(f"{what}: external data location {location!r} holds a NUL byte", file=file)
     if base_dir is None:
         raise TapeoutError(f"initializer {init.name!r} uses external data {location!r} but the model "
                            "was given in memory; load it from its file", file=file)
     root = Path(base_dir).resolve()
     target = (root / location).resolve()
-    if not location or Path(location).is_absolute() or root not in target.parents:
+    if not location or Path(location).is_absolute() or root not in target.parents or ".." in Path(location).parts:
         raise TapeoutError(f"initializer {init.name!r}: external data location {location!r} points "
                            "outside the model's folder; refusing to read it", file=file)
     if not target.is_file():
         raise TapeoutError(f"initializer {init.name!r}: external data file {location!r} is missing; "
                            "keep the .onnx.data file beside the .onnx", file=file)
-    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type))
+    dtype = _np_dtype(init.data_type, what, file)
     shape = tuple(int(d) for d in init.dims)
-    offset = int(info.get("offset", 0))
-    count = int(np.prod(shape, dtype=np.int64))
-    length = int(info.get("length", count * dtype.itemsize))
+    count = check_shape(shape, dtype.itemsize, what, file)
+
+    def field(key, default):
+        v = info.get(key)
+        if v is None:
+            return default
+        try:
+            n = int(v, 10)
+        except ValueError:
+            n = -1
+        if n < 0 or str(n) != v.strip():
+            raise TapeoutError(f"{what}: external data {key} {v!r} is not a non-negative integer", file=file)
+        return n
+    offset = field("offset", 0)
+    length = field("length", count * dtype.itemsize)
     size = target.stat().st_size
     if length != count * dtype.itemsize or offset + length > size:
         raise TapeoutError(f"initializer {init.name!r}: external data {location!r} is truncated or "
@@ -191,6 +322,17 @@ def check_weights_finite(graph: Graph) -> None:
             if op.kind in ("Add", "Mul") and (value.ndim < 1 or value.ndim > 1 and value.shape[-2] != 1):
                 continue  # scalars and [.., S, T] score masks
             _check_finite(value, t, file, node=op.name, op=op.kind)
+    # NaN has no use anywhere (masks use -inf): any float constant an op reads, scalars included
+    nan_seen: set[str] = set()
+    for op in graph.ops:
+        for t in op.inputs:
+            if not t or t in nan_seen or not graph.is_constant(t):
+                continue
+            nan_seen.add(t)
+            value = graph.constants[t]
+            if value.dtype.kind == "f" and value.size <= 1 << 16 and np.isnan(np.asarray(value)).any():
+                raise TapeoutError(f"constant {t!r} holds NaN (a non-finite value); fix or re-export the model",
+                                   file=file, node=op.name, op=op.kind)
 
 
 def _check_finite(value: np.ndarray, name: str, file: str, node: str | None = None,
@@ -214,7 +356,7 @@ def _constant_value(node: onnx.NodeProto, file: str, name: str) -> np.ndarray:
     if a.name == "value":
         if a.t.data_location == onnx.TensorProto.EXTERNAL:
             raise TapeoutError("Constant with external data is not supported", file=file, node=name, op="Constant")
-        return numpy_helper.to_array(a.t)
+        return tensor_array(a.t, f"the value of Constant {name!r}", file, node=name)
     v = helper.get_attribute_value(a)
     kinds = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64,
              "value_ints": np.int64}
@@ -223,14 +365,17 @@ def _constant_value(node: onnx.NodeProto, file: str, name: str) -> np.ndarray:
     raise TapeoutError(f"Constant attribute {a.name!r} is not supported", file=file, node=name, op="Constant")
 
 
-def _attr_value(a: onnx.AttributeProto, file: str):
+def _attr_value(a: onnx.AttributeProto, file: str, node: str | None = None):
     if a.type == onnx.AttributeProto.TENSOR:
-        return numpy_helper.to_array(a.t)
+        return tensor_array(a.t, f"attribute {a.name!r}", file, node=node)
     if a.type == onnx.AttributeProto.TENSORS:
-        return tuple(numpy_helper.to_array(t) for t in a.tensors)
+        return tuple(tensor_array(t, f"attribute {a.name!r}", file, node=node) for t in a.tensors)
     if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
         return helper.get_attribute_value(a)  # kept as proto; reported unsupported
-    v = helper.get_attribute_value(a)
+    try:
+        v = helper.get_attribute_value(a)
+    except (ValueError, TypeError) as e:
+        raise TapeoutError(f"attribute {a.name!r} has an unusable type {a.type}: {e}", file=file, node=node) from None
     if isinstance(v, bytes):
         return v.decode("utf-8", "replace")
     if isinstance(v, list):

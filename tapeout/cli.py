@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import traceback
 
@@ -245,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from tapeout.compiler.errors import TapeoutError
     progress = Progress()
+    previous = _terminate_as_interrupt()
     try:
         from . import commands
         return getattr(commands, f"cmd_{args.command}")(args, progress)
@@ -257,10 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:          # output piped into `head` and closed: not an error
         sys.stderr.close()
         return 0
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        _ignore_signals()                # the cleanup below and at exit is not interrupted again
         progress.abort()
-        print("tapeout: interrupted", file=sys.stderr)
-        return 130
+        print("tapeout: interrupted" + (" (SIGTERM)" if isinstance(e, Terminated) else ""), file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     except Exception as e:  # noqa: BLE001 - a bug: say so in one line unless --debug
         progress.abort()
         if args.debug:
@@ -269,7 +272,42 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tapeout: internal error: {type(e).__name__}: {e} (rerun with --debug for the "
                   "traceback and report it)", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _ignore_signals() -> None:
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except ValueError:              # not the main thread
+        pass
+
+
+def entry() -> int:
+    """The console script: ``main`` with an interrupt that escapes it (during imports, or while
+    Python shuts down its worker threads) still ending as exit 130, never a traceback."""
+    try:
+        return main()
+    except KeyboardInterrupt as e:
+        _ignore_signals()
+        print("tapeout: interrupted", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so the output folder's temporary copy is removed on the way out."""
+
+
+def _terminate_as_interrupt():
+    def handler(signum, frame):
+        raise Terminated()
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:              # not the main thread: leave SIGTERM alone
+        return None
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(entry())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ from tapeout.compiler.frontend import fuse, import_graph
 from tapeout.compiler.structure import recognise, render_summary
 from tapeout.driver import (binding_from_args, check_ids, compile_model, load_program, open_folder, quant_options,
                             quantized, read_ids, text_ids_for)
-from tapeout.output import OutputFolder, dumps_json, input_hashes
+from tapeout.output import OutputFolder, dumps_json, input_hashes, write_file_atomic
 from tapeout.progress import Progress
 
 
@@ -158,7 +159,8 @@ def cmd_diff(args: argparse.Namespace, progress: Progress) -> int:
         with progress.step("comparing via layers"):
             r = D.diff_chips(a, b, force_shapes=args.force_shapes)
         if args.png and r["base_identical"]:
-            Path(args.png).write_bytes(D.heatmap_png(r, a.base["tiles"]))
+            png = D.heatmap_png(r, a.base["tiles"])
+            write_file_atomic(args.png, lambda t: t.write_bytes(png))
         if args.gds_xor:
             if not r["base_identical"]:
                 raise TapeoutError("--gds-xor needs chips on the same base")
@@ -167,7 +169,8 @@ def cmd_diff(args: argparse.Namespace, progress: Progress) -> int:
             except ValueError:
                 raise TapeoutError(f"--gds-xor TILE must be a tile number, not {args.gds_xor[0]!r}") from None
             r["gds_xor"] = {"tile": tile, "file": args.gds_xor[1],
-                            "vias": D.gds_xor(a, b, tile, Path(args.gds_xor[1]))}
+                            "vias": None}
+            write_file_atomic(args.gds_xor[1], lambda t: r["gds_xor"].update(vias=D.gds_xor(a, b, tile, t)))
     r.pop("_tile_changes", None)
     print(dumps_json(r), end="") if args.json else print(D.render_text(r))
     changed = not r["base_identical"] or r.get("changed_vias", 0) > 0
@@ -188,7 +191,7 @@ def _diff_programs(args: argparse.Namespace, progress: Progress) -> int:
     model-level diff of their integer programs (hash-checked, read from the folders only)."""
     from tapeout.compiler.program import diff_programs, render_program_diff
     for x in (args.a, args.b):
-        open_folder(x, check=("program/",))
+        open_folder(x)
         if not (Path(x) / "program" / "program.json").is_file():
             raise TapeoutError("has no integer program (a --target none folder); compile with --target", file=x)
     if args.png or args.gds_xor:
@@ -205,6 +208,8 @@ def cmd_estimate(args: argparse.Namespace, progress: Progress) -> int:
     from tapeout.backends.maskrom import estimate as E
     progress.enabled = not args.json
     ctx = args.context if args.context is not None else 2048
+    if args.clock is not None and not (math.isfinite(args.clock) and args.clock > 0):
+        raise TapeoutError(f"--clock must be a positive frequency in Hz, not {args.clock}")
     if args.hf_config:
         shape = E.shape_from_hf_config(args.hf_config, context=ctx)
     else:
@@ -254,9 +259,7 @@ def cmd_simulate(args: argparse.Namespace, progress: Progress) -> int:
     """Re-check a compile folder from its own files: the manifest names the target, the hashes
     prove the files are the compiled ones, the program and the target's artifacts are the input."""
     progress.enabled = not args.json
-    man, target = open_folder(args.out, check=("program/", "program.bin", "queues.bin", "memory.json",
-                                               "weights.bin", "banks.bin", "report.json", "sim/", "base/",
-                                               "layers/"))
+    man, target = open_folder(args.out)
     program = load_program(args.out) if target.needs_format and target.name != "maskrom" else None
     r, code, text = target.simulate(Path(args.out), program, man["options"], args, progress.step)
     print(dumps_json(r), end="") if args.json else print(text)

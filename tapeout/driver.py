@@ -21,7 +21,7 @@ from tapeout.compiler.bind import Binding
 from tapeout.compiler.errors import TapeoutError
 from tapeout.compiler.frontend import fuse, import_graph
 from tapeout.compiler.structure import recognise, render_summary
-from tapeout.output import MANIFEST, OutputFolder, input_hashes, sha256_file
+from tapeout.output import MANIFEST, OutputFolder, input_hashes, manifest_digest, sha256_file
 from tapeout.progress import Progress
 
 
@@ -103,8 +103,15 @@ def check_ids(ids, graph, what: str, file: str) -> None:
         raise TapeoutError(f"{what} has token ids outside the model's vocabulary [0, {vocab})", file=file)
 
 
+# quantisation options that only a quantising compile reads (calib_max_tokens has a default)
+QUANT_OPTIONS = ("format", "group", "group_fallback", "outlier_frac", "gptq", "gptq_damp", "rtn", "quantize_head",
+                 "calib", "calib_tokens")
+
+
 def quant_config(args: argparse.Namespace):
     from tapeout.compiler.qmodel import QuantConfig
+    if getattr(args, "calib_max_tokens", 1) < 1:
+        raise TapeoutError(f"--calib-max-tokens must be a positive number of tokens, not {args.calib_max_tokens}")
     return QuantConfig(args.format, group_size=args.group, outlier_frac=args.outlier_frac, gptq=args.gptq,
                        rtn=args.rtn, quantize_head=args.quantize_head, group_fallback=args.group_fallback,
                        damp=getattr(args, "gptq_damp", None))
@@ -179,6 +186,12 @@ def compile_model(args: argparse.Namespace, progress: Progress) -> tuple[Path, i
         raise TapeoutError(f"--machine applies to {' and '.join('--target ' + n for n in takes)}")
     if target.needs_format and not args.format:
         raise TapeoutError(f"--target {args.target} needs --format (w3o6, nvfp4, mxfp4, int4, int8)")
+    if not target.needs_format:
+        given = [f"--{k.replace('_', '-')}" for k in QUANT_OPTIONS if getattr(args, k, None) not in (None, False)]
+        if given:
+            raise TapeoutError(f"{given[0]} applies to a compile that quantises (--target maskrom, systolic or "
+                               f"dataflow); --target {args.target} only imports and fuses the model")
+
     topts = target.options(args)                       # bad options fail before any work
     config = None
     if target.needs_format:
@@ -224,9 +237,10 @@ def compile_model(args: argparse.Namespace, progress: Progress) -> tuple[Path, i
 
 
 # --- reading a compile folder back ----------------------------------------------------------------
-def open_folder(folder: str | Path, check: tuple[str, ...] | None = None) -> tuple[dict, "targets.Target"]:
-    """A compile folder's manifest and target. ``check`` names artifacts (or folder prefixes such
-    as ``program/``) whose sha256 must equal the manifest's: a damaged folder is refused."""
+def open_folder(folder: str | Path) -> tuple[dict, "targets.Target"]:
+    """A compile folder's manifest and target, after checking the manifest's schema and the
+    sha256 of every artifact it lists (docs/formats.md, "manifest.json"): a damaged or edited
+    folder is refused, naming the first damaged file, before any command reads it."""
     folder = Path(folder)
     mp = folder / MANIFEST
     if not folder.is_dir():
@@ -235,21 +249,51 @@ def open_folder(folder: str | Path, check: tuple[str, ...] | None = None) -> tup
         raise TapeoutError("not a compile folder: no manifest.json (compile with `tapeout compile -o`)",
                            file=str(folder))
     try:
-        man = json.loads(mp.read_text())
-        opts, arts = man["options"], man["artifacts"]
-        name = opts["target"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        man = json.loads(mp.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
         raise TapeoutError(f"damaged manifest: {type(e).__name__}: {e}", file=str(mp)) from None
-    for rel, meta in sorted(arts.items()):
-        if check is not None and not any(rel == c or (c.endswith("/") and rel.startswith(c)) for c in check):
-            continue
+    problem = manifest_problem(man)
+    if problem:
+        raise TapeoutError(f"damaged manifest: {problem}", file=str(mp))
+    for rel, meta in sorted(man["artifacts"].items()):
         p = folder / rel
         if not p.is_file():
             raise TapeoutError(f"{rel} is missing (the manifest lists it)", file=str(folder))
-        if sha256_file(p) != meta["sha256"]:
+        if p.stat().st_size != meta["bytes"] or sha256_file(p) != meta["sha256"]:
             raise TapeoutError(f"{rel} differs from its sha256 in manifest.json: the folder is damaged "
                                "or was edited; recompile", file=str(folder))
-    return man, targets.get(name)
+    try:
+        return man, targets.get(man["options"]["target"])
+    except TapeoutError:
+        raise TapeoutError(f"damaged manifest: unknown target {man['options']['target']!r}", file=str(mp)) from None
+
+
+def manifest_problem(man) -> str | None:
+    """What is wrong with a parsed manifest.json, or None (the schema of docs/formats.md)."""
+    if not isinstance(man, dict):
+        return f"expected a JSON object, found {type(man).__name__}"
+    for key, kind in (("tool", str), ("version", str), ("command", str), ("options", dict), ("artifacts", dict)):
+        if not isinstance(man.get(key), kind):
+            return f"{key!r} must be a {kind.__name__}, found {man.get(key)!r:.60}"
+    if man["tool"] != "tapeout":
+        return f"'tool' is {man['tool']!r}, not 'tapeout'"
+    if man.get("manifest_sha256") != manifest_digest(man):
+        return ("its manifest_sha256 does not match its contents (edited or damaged; a folder from a tapeout "
+                "before manifest_sha256 must be recompiled)")
+    if not isinstance(man["options"].get("target"), str):
+        return "options.target must be a string"
+    inp = man.get("input")
+    if man["command"] in ("compile", "quantize") and not (isinstance(inp, dict) and isinstance(inp.get("model"), str)
+                                                          and isinstance(inp.get("sha256"), dict)):
+        return f"'input' must be {{'model': name, 'sha256': {{file: hash}}}}, found {inp!r:.60}"
+    for rel, meta in man["artifacts"].items():
+        parts = Path(rel).parts
+        if not rel or Path(rel).is_absolute() or ".." in parts or "\x00" in rel or rel == MANIFEST:
+            return f"artifact path {rel!r} is not a plain path inside the folder"
+        if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) or len(meta["sha256"]) != 64 \
+                or not isinstance(meta.get("bytes"), int) or isinstance(meta.get("bytes"), bool) or meta["bytes"] < 0:
+            return f"artifact {rel!r}: expected {{'sha256': 64 hex digits, 'bytes': int}}, found {meta!r:.80}"
+    return None
 
 
 def load_program(folder: str | Path):

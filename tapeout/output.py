@@ -27,6 +27,34 @@ def dumps_json(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
+def write_file_atomic(path: str | os.PathLike, write) -> Path:
+    """Write one output file via a hidden sibling and a rename: ``write(tmp_path)`` fills it. A
+    failure or an interruption leaves the old file (or nothing), never a partial one."""
+    path = Path(path)
+    if path.is_dir():
+        raise TapeoutError("is a folder; give a file name", file=str(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent if str(path.parent) else ".")
+        os.close(fd)
+    except OSError as e:
+        raise TapeoutError(f"cannot write here: {e.strerror or e}", file=str(path)) from None
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON without its own ``manifest_sha256`` key: any edit
+    of the manifest (an option, a hash) is seen as damage."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(dumps_json(body).encode("utf-8")).hexdigest()
+
+
 class OutputFolder:
     """Collects artifacts in a hidden sibling folder; ``commit`` swaps it into place.
 
@@ -42,9 +70,13 @@ class OutputFolder:
         if self.out.is_dir() and any(self.out.iterdir()) and not (self.out / MANIFEST).is_file():
             raise TapeoutError("output folder exists, is not empty and holds no manifest.json; "
                                "refusing to replace it (choose another -o)", file=str(self.out))
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
-        self.tmp.chmod(0o755)
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+            self.tmp.chmod(0o755)
+        except OSError as e:
+            raise TapeoutError(f"cannot create the output folder here: {e.strerror or e} (choose another -o)",
+                               file=str(self.out)) from None
         self.files: list[str] = []
 
     def path(self, rel: str) -> Path:
@@ -79,12 +111,18 @@ class OutputFolder:
         artifacts = {rel: {"sha256": sha256_file(self.tmp / rel), "bytes": (self.tmp / rel).stat().st_size}
                      for rel in sorted(self.files)}
         manifest = dict(manifest, artifacts=artifacts)
+        manifest["manifest_sha256"] = manifest_digest(manifest)
         (self.tmp / MANIFEST).write_text(dumps_json(manifest), encoding="utf-8")
         old = None
-        if self.out.exists():
-            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
-            os.replace(self.out, old)
-        os.replace(self.tmp, self.out)
+        import signal
+        masked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:                            # the swap is not interrupted between its two renames
+            if self.out.exists():
+                old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+                os.replace(self.out, old)
+            os.replace(self.tmp, self.out)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, masked)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return self.out

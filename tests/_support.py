@@ -42,4 +42,11 @@ def rehash(folder, rel: str) -> None:
     man = json.loads((folder / "manifest.json").read_text())
     data = (folder / rel).read_bytes()
     man["artifacts"][rel] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    (folder / "manifest.json").write_text(json.dumps(man, indent=2, sort_keys=True) + "\n")
+    resign(folder, man)
+
+
+def resign(folder, man: dict) -> None:
+    """Write ``man`` as the folder's manifest with its own digest made to match (a test's edit)."""
+    from tapeout.output import dumps_json, manifest_digest
+    man["manifest_sha256"] = manifest_digest(man)
+    (Path(folder) / "manifest.json").write_text(dumps_json(man))

@@ -204,6 +204,10 @@ class _Builder:
             used += b
             chip_of.append(c)
         n_chips = chips or (c + 1)
+        if chips and c + 1 < chips:
+            raise TapeoutError(f"dataflow: --machine chips={m.chips} leaves chips without work: the "
+                               f"{len(need)} ops of this model fill at most {c + 1} chips at balanced weights; "
+                               f"use chips <= {c + 1} (or 0: as many as the weights need)")
         if chips:
             per = defaultdict(int)
             for ci, b in zip(chip_of, need):

@@ -264,7 +264,7 @@ def load_chip(folder: str | Path):
     from tapeout.driver import load_program, open_folder
     from .layers import load_layers
     folder = Path(folder)
-    man, target = open_folder(folder, check=("program/", "base/", "layers/", "chip/", "report.json"))
+    man, target = open_folder(folder)
     if target.name != "maskrom":
         raise TapeoutError(f"`tapeout run` runs mask-ROM chips; this folder is a {target.name} compile",
                            file=str(folder))

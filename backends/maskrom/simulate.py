@@ -87,6 +87,9 @@ def simulate_chip(folder: str | Path, names: list[str] | None, engine: str, prog
         except FileNotFoundError:
             raise TapeoutError(f"no golden stimulus for linear {li} (sim/{li:04d}.x.npy); recompile with "
                                "this tapeout version", file=str(folder)) from None
+        if tokens is not None and tokens > len(x):
+            raise TapeoutError(f"--tokens {tokens}: the stimulus holds {len(x)} tokens (sim/{li:04d}.x.npy)",
+                               file=str(folder))
         x, y = x[:tokens], y[:tokens]
         o, i = layers.shapes[li]
         stats: dict = {}
