@@ -55,7 +55,8 @@ def run_op(op: Op, inputs: list[np.ndarray | None]) -> tuple[np.ndarray, ...]:
         out = fn(op, *inputs)
     except OpError:
         raise
-    except (ValueError, IndexError, TypeError, KeyError, NotImplementedError, ZeroDivisionError) as e:
+    except (ValueError, IndexError, TypeError, KeyError, NotImplementedError, ZeroDivisionError,
+            OverflowError) as e:
         raise OpError(op, f"{type(e).__name__}: {e}") from e
     if not isinstance(out, tuple):
         out = (out,)

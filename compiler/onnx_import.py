@@ -284,11 +284,8 @@ def _initializer(init: onnx.TensorProto, file: str, base_dir: str | None) -> np.
         v = info.get(key)
         if v is None:
             return default
-        try:
-            n = int(v, 10)
-        except ValueError:
-            n = -1
-        if n < 0 or str(n) != v.strip():
+        n = int(v) if v.isascii() and v.isdigit() else -1
+        if n < 0:
             raise TapeoutError(f"{what}: external data {key} {v!r} is not a non-negative integer", file=file)
         return n
     offset = field("offset", 0)

@@ -39,7 +39,7 @@ def _external_matmul(tmp_path, **entries):
 
 
 @pytest.mark.parametrize("key,value,needle", [
-    ("offset", "-4", "offset"), ("offset", "1.5", "offset"), ("offset", "abc", "offset"),
+    ("offset", "-4", "offset"), ("offset", "1.5", "offset"), ("offset", " 0", "offset"), ("offset", "abc", "offset"),
     ("length", "-1", "length"), ("length", "1e3", "length"), ("length", str(2**62), "inconsistent"),
     ("location", "m\x00.bin", "NUL"), ("location", "sub/../m.bin", "outside"),
 ])
@@ -123,16 +123,25 @@ def test_sparse_initializer_equals_its_dense_twin(capsys, tmp_path):
     assert outs[0] == outs[1] and any(k.startswith("program/") for k in outs[0])
 
 
-def test_nan_in_a_norm_constant(capsys, tmp_path, tiny_llama):
-    """NaN in an RMSNorm's eps (a scalar Add the masks exemption used to skip) never reaches golden."""
+@pytest.mark.parametrize("bad,needle", [(np.nan, "non-finite"), (np.inf, "epsilon"), (-np.inf, "epsilon")])
+def test_non_finite_norm_epsilon(capsys, tmp_path, tiny_llama, bad, needle):
+    """NaN or Inf in an RMSNorm's eps (a scalar Add the masks exemption skips) never reaches golden."""
     m = onnx.load(str(tiny_llama))
     means = {n.output[0] for n in m.graph.node if n.op_type == "ReduceMean"}
     name = next(n.input[1] for n in m.graph.node if n.op_type == "Add" and n.input[0] in means)
     init = next(t for t in m.graph.initializer if t.name == name)
     a = numpy_helper.to_array(init).copy()
-    a[...] = np.nan
+    a[...] = bad
     init.CopyFrom(numpy_helper.from_array(a, name))
-    compile_fails(capsys, tmp_path, save(tmp_path, m), "non-finite", extra=("--target", "maskrom", "--format", "nvfp4"))
+    compile_fails(capsys, tmp_path, save(tmp_path, m), needle, extra=("--target", "maskrom", "--format", "nvfp4"))
+
+
+def test_axis_too_large_for_c_int(capsys, tmp_path, tiny_llama):
+    m = onnx.load(str(tiny_llama))
+    node = next(n for n in m.graph.node if n.op_type == "Unsqueeze")
+    axes = next(t for t in m.graph.initializer if t.name == node.input[1])
+    axes.CopyFrom(numpy_helper.from_array(np.array([2**40], np.int64), axes.name))
+    compile_fails(capsys, tmp_path, save(tmp_path, m), "Unsqueeze", "OverflowError")
 
 
 @pytest.mark.parametrize("extra,needle", [

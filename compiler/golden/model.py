@@ -177,6 +177,19 @@ def _norm_shift(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return fx.rshift_round(x, k), k
 
 
+def _eps(op, default: float) -> float:
+    """A norm's epsilon, finite and in [0, 8) (golden holds it as eps * 2**60 in an int64)."""
+    eps = op.attr("eps", default)
+    try:
+        ok = math.isfinite(float(eps)) and 0.0 <= float(eps) < 8.0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise TapeoutError(f"the norm's epsilon is {eps!r}; golden needs a finite epsilon in [0, 8)",
+                           node=op.name, op=op.kind)
+    return float(eps)
+
+
 def _inv_rms(xs: np.ndarray, k: np.ndarray, eps: float, extra: int = 8) -> np.ndarray:
     """r ~= rms(x) * 2**(16 - k + extra) for Q16 x = xs * 2**k (eps in real units)."""
     d = xs.shape[-1]
@@ -188,7 +201,7 @@ def _inv_rms(xs: np.ndarray, k: np.ndarray, eps: float, extra: int = 8) -> np.nd
 def k_rmsnorm(gm, op, x, g):
     extra = 8
     xs, k = _norm_shift(x)
-    r = np.maximum(_inv_rms(xs, k, op.attr("eps", 1e-6), extra), 1)
+    r = np.maximum(_inv_rms(xs, k, _eps(op, 1e-6), extra), 1)
     y = fx.div_round(xs << (extra + fx.Q), r)                            # x / rms in Q16
     return fx.saturate32(fx.mul_q(y, g, fx.Q))
 
@@ -198,7 +211,7 @@ def k_layernorm(gm, op, x, g, b=None):
     d = x.shape[-1]
     mean = fx.div_round(np.sum(x, axis=-1, keepdims=True), d)
     xs, k = _norm_shift(x - mean)
-    r = np.maximum(_inv_rms(xs, k, op.attr("eps", 1e-5), extra), 1)
+    r = np.maximum(_inv_rms(xs, k, _eps(op, 1e-5), extra), 1)
     y = fx.mul_q(fx.div_round(xs << (extra + fx.Q), r), g, fx.Q)
     return fx.saturate32(y + b if b is not None else y)
 
