@@ -163,7 +163,7 @@ def poll_case(job: _Job, timeout: float) -> Result | None:
 class Seeds:
     model: Path                     # a tiny Llama prefill export (inline weights)
     folder: Path                    # its maskrom nvfp4 compile folder
-    folder2: Path                   # a second folder (w3o6) for diff
+    folder2: Path                   # a second folder (int8) for diff
     config: Path                    # an HF config.json
     tokens: Path                    # a valid prompt .npy
 
@@ -171,7 +171,7 @@ class Seeds:
 def make_seeds(root: Path, model: Path, config: Path) -> Seeds:
     from tapeout.cli import main
     root.mkdir(parents=True, exist_ok=True)
-    folder, folder2 = root / "chip-nvfp4", root / "chip-w3o6"
+    folder, folder2 = root / "chip-nvfp4", root / "chip-int8"
     for f, fmt in ((folder, "nvfp4"), (folder2, "int8")):
         if not (f / "manifest.json").is_file():
             code = _quiet(main, ["compile", str(model), "--target", "maskrom", "--format", fmt, "-o", str(f)])
