@@ -306,7 +306,8 @@ WEIGHT_INPUTS = {"MatMul": (1,), "Gemm": (1, 2), "Gather": (0,), "LayerNormaliza
 
 def check_weights_finite(graph: Graph) -> None:
     """Every large float constant an op computes with must be finite (masks may hold -inf, so
-    scalars and the mask operand of Add/Where are exempt by the op table above)."""
+    scalars and the mask operand of Add/Where are exempt by the op table above), and no
+    constant an op reads may hold NaN, scalars and masks included (NaN has no use anywhere)."""
     file = graph.meta.get("file")
     seen: set[str] = set()
     for op in graph.ops:
@@ -314,36 +315,32 @@ def check_weights_finite(graph: Graph) -> None:
             t = op.inputs[i] if i < len(op.inputs) else ""
             if not t or t in seen or not graph.is_constant(t):
                 continue
-            seen.add(t)
             value = graph.constants[t]
             if op.kind in ("Add", "Mul") and (value.ndim < 1 or value.ndim > 1 and value.shape[-2] != 1):
-                continue  # scalars and [.., S, T] score masks
+                continue  # scalars and [.., S, T] score masks: the NaN check below
+            seen.add(t)
             _check_finite(value, t, file, node=op.name, op=op.kind)
-    # NaN has no use anywhere (masks use -inf): any float constant an op reads, scalars included
-    nan_seen: set[str] = set()
     for op in graph.ops:
         for t in op.inputs:
-            if not t or t in nan_seen or not graph.is_constant(t):
-                continue
-            nan_seen.add(t)
-            value = graph.constants[t]
-            if value.dtype.kind == "f" and value.size <= 1 << 16 and np.isnan(np.asarray(value)).any():
-                raise TapeoutError(f"constant {t!r} holds NaN (a non-finite value); fix or re-export the model",
-                                   file=file, node=op.name, op=op.kind)
+            if t and t not in seen and graph.is_constant(t):
+                seen.add(t)
+                _check_finite(graph.constants[t], t, file, node=op.name, op=op.kind, nan_only=True)
 
 
 def _check_finite(value: np.ndarray, name: str, file: str, node: str | None = None,
-                  op: str | None = None) -> None:
+                  op: str | None = None, nan_only: bool = False) -> None:
     if value.dtype.kind != "f" or value.size == 0:
         return
+    bad_of = np.isnan if nan_only else (lambda c: ~np.isfinite(c))
     flat = value.reshape(-1)
     step = 1 << 22  # chunks keep the check from materialising a boolean copy of big weights
     for start in range(0, flat.size, step):
-        chunk = np.asarray(flat[start:start + step])
-        if not np.isfinite(chunk).all():
-            bad = start + int(np.flatnonzero(~np.isfinite(chunk))[0])
-            raise TapeoutError(f"weight {name!r} has a non-finite value ({flat[bad]}) at flat index "
-                               f"{bad}; fix or re-export the model", file=file, node=node, op=op)
+        bad = bad_of(np.asarray(flat[start:start + step]))
+        if bad.any():
+            at = start + int(np.flatnonzero(bad)[0])
+            raise TapeoutError(f"{'constant' if nan_only else 'weight'} {name!r} has a non-finite value "
+                               f"({flat[at]}) at flat index {at}; fix or re-export the model",
+                               file=file, node=node, op=op)
 
 
 def _constant_value(node: onnx.NodeProto, file: str, name: str) -> np.ndarray:

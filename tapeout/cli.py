@@ -260,10 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except KeyboardInterrupt as e:
-        _ignore_signals()                # the cleanup below and at exit is not interrupted again
         progress.abort()
-        print("tapeout: interrupted" + (" (SIGTERM)" if isinstance(e, Terminated) else ""), file=sys.stderr)
-        return 143 if isinstance(e, Terminated) else 130
+        return _interrupted(e)
     except Exception as e:  # noqa: BLE001 - a bug: say so in one line unless --debug
         progress.abort()
         if args.debug:
@@ -277,23 +275,26 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _ignore_signals() -> None:
+def _interrupted(e: KeyboardInterrupt) -> int:
+    """Say so and give the exit code (130 Ctrl-C, 143 SIGTERM); further signals are ignored so
+    the cleanup on the way out is not interrupted again."""
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     except ValueError:              # not the main thread
         pass
+    term = isinstance(e, Terminated)
+    print("tapeout: interrupted" + (" (SIGTERM)" if term else ""), file=sys.stderr)
+    return 143 if term else 130
 
 
 def entry() -> int:
     """The console script: ``main`` with an interrupt that escapes it (during imports, or while
-    Python shuts down its worker threads) still ending as exit 130, never a traceback."""
+    Python shuts down its worker threads) still ending as exit 130/143, never a traceback."""
     try:
         return main()
     except KeyboardInterrupt as e:
-        _ignore_signals()
-        print("tapeout: interrupted", file=sys.stderr)
-        return 143 if isinstance(e, Terminated) else 130
+        return _interrupted(e)
 
 
 class Terminated(KeyboardInterrupt):

@@ -169,8 +169,7 @@ def cmd_diff(args: argparse.Namespace, progress: Progress) -> int:
             except ValueError:
                 raise TapeoutError(f"--gds-xor TILE must be a tile number, not {args.gds_xor[0]!r}") from None
             r["gds_xor"] = {"tile": tile, "file": args.gds_xor[1],
-                            "vias": None}
-            write_file_atomic(args.gds_xor[1], lambda t: r["gds_xor"].update(vias=D.gds_xor(a, b, tile, t)))
+                            "vias": write_file_atomic(args.gds_xor[1], lambda t: D.gds_xor(a, b, tile, t))}
     r.pop("_tile_changes", None)
     print(dumps_json(r), end="") if args.json else print(D.render_text(r))
     changed = not r["base_identical"] or r.get("changed_vias", 0) > 0

@@ -27,9 +27,10 @@ def dumps_json(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
-def write_file_atomic(path: str | os.PathLike, write) -> Path:
-    """Write one output file via a hidden sibling and a rename: ``write(tmp_path)`` fills it. A
-    failure or an interruption leaves the old file (or nothing), never a partial one."""
+def write_file_atomic(path: str | os.PathLike, write):
+    """Write one output file via a hidden sibling and a rename: ``write(tmp_path)`` fills it and
+    its result is returned. A failure or an interruption leaves the old file (or nothing), never
+    a partial one."""
     path = Path(path)
     if path.is_dir():
         raise TapeoutError("is a folder; give a file name", file=str(path))
@@ -39,13 +40,13 @@ def write_file_atomic(path: str | os.PathLike, write) -> Path:
     except OSError as e:
         raise TapeoutError(f"cannot write here: {e.strerror or e}", file=str(path)) from None
     try:
-        write(Path(tmp))
+        result = write(Path(tmp))
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+    return result
 
 
 def manifest_digest(manifest: dict) -> str:

@@ -546,7 +546,7 @@ def cases(seed: int, n: int, seeds: Seeds, groups=None) -> list[Case]:
     out = []
     for g in groups:
         out += GROUPS[g](random.Random(rng.random()), seeds, max(1, round(n * share[g] / tot)))
-    return out[:n] if len(out) > n else out
+    return out[:n]
 
 
 def campaign(seed: int, n: int, seeds: Seeds, work: Path, *, timeout: float = 60.0, groups=None,
