@@ -13,9 +13,12 @@ import operator
 import re
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .errors import TapeoutError
 from .interp import OpError, infer_shapes
 from .ir import Graph, TensorInfo
+from .onnx_import import check_shape
 
 
 @dataclass(frozen=True)
@@ -74,8 +77,25 @@ def _eval_dim(expr: str, symbols: dict[str, int]) -> int | None:
         return symbols[expr]
     try:
         return ev(ast.parse(expr, mode="eval"))
-    except (KeyError, SyntaxError, ValueError):
+    except (KeyError, SyntaxError, ValueError, ZeroDivisionError, RecursionError, MemoryError):
         return None
+
+
+def _check_activation_sizes(graph: Graph, symbols: dict[str, int], file: str | None) -> None:
+    """Refuse, before anything runs, a graph input or intermediate whose shape (as ONNX shape
+    inference propagated it, dynamic dims substituted) exceeds the activation size limit."""
+    for name, info in graph.tensors.items():
+        if info.shape is None or name in graph.constants:
+            continue
+        dims = []
+        for d in info.shape:
+            v = d if isinstance(d, int) else _eval_dim(d, symbols)
+            if v is None or v < 0:          # unknown here: the dummy run's own check sees it
+                break
+            dims.append(v)
+        else:
+            check_shape(dims, np.dtype(info.dtype).itemsize, f"tensor {name!r}", file,
+                        node=graph.producer.get(name), activation=True)
 
 
 def bind(graph: Graph, binding: Binding = Binding()) -> dict[str, int]:
@@ -95,6 +115,7 @@ def bind(graph: Graph, binding: Binding = Binding()) -> dict[str, int]:
             if isinstance(d, str) and d not in symbols and role and len(role) == 1 and roles[role[0]] is not None:
                 if d.isidentifier():
                     symbols[d] = roles[role[0]]
+    known = dict(symbols)                    # plus the symbols bound through a role, for the size check
     for name in graph.inputs:
         info = graph.tensors[name]
         if info.shape is None:
@@ -116,10 +137,17 @@ def bind(graph: Graph, binding: Binding = Binding()) -> dict[str, int]:
             if value < 0:
                 raise TapeoutError(f"input {name!r} dimension {axis} ({d!r}) binds to {value} < 0", file=file)
             dims.append(int(value))
+            if isinstance(d, str) and d.isidentifier():
+                known.setdefault(d, int(value))
         graph.tensors[name] = TensorInfo(tuple(dims), info.dtype)
     graph.meta["bindings"] = dict(sorted(symbols.items()))
+    _check_activation_sizes(graph, known, file)
+
+    def within_limit(name: str, value) -> None:
+        check_shape(value.shape, value.dtype.itemsize, f"tensor {name!r}", file,
+                    node=graph.producer.get(name), activation=True)
     try:
-        infer_shapes(graph)
+        infer_shapes(graph, within_limit)
     except OpError as e:
         raise TapeoutError(f"shape propagation failed: {e.reason}; check the bound dimensions "
                            f"({', '.join(f'{n}={graph.tensors[n]}' for n in graph.inputs)})",

@@ -56,7 +56,7 @@ def run_op(op: Op, inputs: list[np.ndarray | None]) -> tuple[np.ndarray, ...]:
     except OpError:
         raise
     except (ValueError, IndexError, TypeError, KeyError, NotImplementedError, ZeroDivisionError,
-            OverflowError) as e:
+            OverflowError, MemoryError) as e:
         raise OpError(op, f"{type(e).__name__}: {e}") from e
     if not isinstance(out, tuple):
         out = (out,)
@@ -110,13 +110,16 @@ def dummy_feeds(graph: Graph) -> dict[str, np.ndarray]:
     return feeds
 
 
-def infer_shapes(graph: Graph) -> None:
+def infer_shapes(graph: Graph, check: Callable[[str, np.ndarray], None] | None = None) -> None:
     """Give every tensor a static TensorInfo by running the graph once on dummy inputs.
 
     Requires every graph input to be bound. Robust against shape arithmetic that symbolic
     inference cannot follow (Shape -> Gather -> Concat -> Reshape chains of the exporters).
+    ``check(name, value)`` sees each computed tensor (a size limit raises from it).
     """
     def record(name: str, value: np.ndarray) -> None:
+        if check is not None:
+            check(name, value)
         graph.tensors[name] = TensorInfo(tuple(int(d) for d in value.shape), value.dtype)
 
     with np.errstate(all="ignore"):

@@ -24,34 +24,48 @@ KNOWN_DOMAINS = {"", "ai.onnx"}
 # The largest tensor (initializer, constant or declared input/output) accepted, in bytes, checked
 # before anything is allocated; raise it with the environment variable TAPEOUT_MAX_TENSOR_BYTES.
 MAX_TENSOR_BYTES = 1 << 36     # 64 GiB: Llama-3.1-70B's largest tensor is 4.3 GB in fp32
+# The largest activation (graph input or intermediate at the bound shapes), checked from the
+# propagated shapes before the graph is run; raise it with TAPEOUT_MAX_ACTIVATION_BYTES.
+MAX_ACTIVATION_BYTES = 1 << 33  # 8 GiB: Llama-3.1-8B's logits at 8,192 positions are 4.2 GB
 
 
-def max_tensor_bytes() -> int:
-    v = os.environ.get("TAPEOUT_MAX_TENSOR_BYTES")
+def _env_bytes(var: str, default: int) -> int:
+    v = os.environ.get(var)
     if v is None:
-        return MAX_TENSOR_BYTES
+        return default
     try:
         n = int(v)
     except ValueError:
-        raise TapeoutError(f"TAPEOUT_MAX_TENSOR_BYTES={v!r} is not an integer number of bytes") from None
+        raise TapeoutError(f"{var}={v!r} is not an integer number of bytes") from None
     if n <= 0:
-        raise TapeoutError(f"TAPEOUT_MAX_TENSOR_BYTES={v!r} must be positive")
+        raise TapeoutError(f"{var}={v!r} must be positive")
     return n
 
 
-def check_shape(dims, itemsize: int, what: str, file: str, node: str | None = None) -> int:
+def max_tensor_bytes() -> int:
+    return _env_bytes("TAPEOUT_MAX_TENSOR_BYTES", MAX_TENSOR_BYTES)
+
+
+def max_activation_bytes() -> int:
+    return _env_bytes("TAPEOUT_MAX_ACTIVATION_BYTES", MAX_ACTIVATION_BYTES)
+
+
+def check_shape(dims, itemsize: int, what: str, file: str, node: str | None = None, *,
+                activation: bool = False) -> int:
     """The element count of ``dims``, refused when a dimension is negative or the tensor would
-    exceed ``max_tensor_bytes()`` (checked in Python integers: no overflow, nothing allocated)."""
+    exceed ``max_tensor_bytes()`` (``max_activation_bytes()`` for an activation), checked in
+    Python integers: no overflow, nothing allocated."""
     count = 1
     for d in dims:
         d = int(d)
         if d < 0:
             raise TapeoutError(f"{what} has a negative dimension {d} in {list(map(int, dims))}", file=file, node=node)
         count *= d
-    limit = max_tensor_bytes()
+    limit, var = ((max_activation_bytes(), "TAPEOUT_MAX_ACTIVATION_BYTES") if activation
+                  else (max_tensor_bytes(), "TAPEOUT_MAX_TENSOR_BYTES"))
     if count * max(1, itemsize) > limit:
         raise TapeoutError(f"{what} of shape {list(map(int, dims))} would take {count * max(1, itemsize):,} bytes, "
-                           f"more than the {limit:,} allowed (set TAPEOUT_MAX_TENSOR_BYTES to raise it)",
+                           f"more than the {limit:,} allowed (set {var} to raise it)",
                            file=file, node=node)
     return count
 
@@ -136,10 +150,17 @@ def from_proto(model: onnx.ModelProto, *, file: str = "<memory>", base_dir: str 
         raise TapeoutError(f"fails onnx.checker: {line}", file=file) from None
     if model.functions:
         model = onnx.inliner.inline_local_functions(model)
+    # inferred afresh: an exporter's value_info can be stale (a re-declared input), and the
+    # activation size check of bind() trusts these shapes; the caller's proto is left as it came
+    declared = [vi.SerializeToString() for vi in model.graph.value_info]
+    given = model
+    del given.graph.value_info[:]
     try:
-        model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        model = onnx.shape_inference.infer_shapes(given, strict_mode=False, data_prop=True)
     except Exception:  # noqa: BLE001 - inference is a help, not a requirement
-        pass
+        model = given
+    finally:
+        given.graph.value_info.extend(onnx.ValueInfoProto.FromString(b) for b in declared)
     g = model.graph
     graph = Graph(g.name or Path(file).stem)
     graph.meta.update(file=file, opsets={o.domain or "": o.version for o in model.opset_import},

@@ -144,6 +144,51 @@ def test_axis_too_large_for_c_int(capsys, tmp_path, tiny_llama):
     compile_fails(capsys, tmp_path, save(tmp_path, m), "Unsqueeze", "OverflowError")
 
 
+def _positions(m: onnx.ModelProto, value: int | str) -> onnx.ModelProto:
+    """``m`` with its ``input_ids`` declaring ``value`` positions (a number or a dim name)."""
+    d = m.graph.input[0].type.tensor_type.shape.dim[1]
+    d.Clear()
+    if isinstance(value, str):
+        d.dim_param = value
+    else:
+        d.dim_value = value
+    return m
+
+
+@pytest.mark.parametrize("positions,needle", [
+    (2**31, "tensor 'input_ids' of shape [1, 2147483648]"),      # the input itself: 16 GiB of ids
+    (2**28, "tensor 'embedding' of shape [1, 268435456, 64]"),   # ids fit; the first activation does not
+])
+def test_huge_declared_positions_refused_before_shape_propagation(capsys, tmp_path, tiny_llama, positions, needle):
+    # the export's value_info still says 16 positions: the check must not trust it
+    m = _positions(onnx.load(str(tiny_llama)), positions)
+    assert [d.dim_value for d in next(v for v in m.graph.value_info if v.name == "embedding")
+            .type.tensor_type.shape.dim] == [1, 16, 64]
+    compile_fails(capsys, tmp_path, save(tmp_path, m), needle, "TAPEOUT_MAX_ACTIVATION_BYTES")
+
+
+def test_huge_bound_positions_refused_before_shape_propagation(capsys, tmp_path, tiny_llama):
+    m = _positions(onnx.load(str(tiny_llama)), "sequence_length")
+    compile_fails(capsys, tmp_path, save(tmp_path, m), "tensor 'embedding' of shape [1, 268435456, 64]",
+                  "TAPEOUT_MAX_ACTIVATION_BYTES", extra=("--seq-len", str(2**28)))
+
+
+def test_activation_limit_is_raisable(capsys, tmp_path, tiny_llama, monkeypatch):
+    m = save(tmp_path, _positions(onnx.load(str(tiny_llama)), 2**28))
+    monkeypatch.setenv("TAPEOUT_MAX_ACTIVATION_BYTES", str(2**50))
+    from tapeout.compiler import interp
+    calls = []
+
+    def refuse(op, *inputs):            # numpy's refusal of a 64 GiB array, without allocating 2 GiB of ids
+        calls.append(op.name)
+        raise MemoryError("Unable to allocate 64.0 GiB for an array with shape (1, 268435456, 64)")
+    interp._load_kernels()
+    monkeypatch.setattr(interp, "dummy_feeds", lambda g: {n: np.zeros((0,), np.int64) for n in g.inputs})
+    monkeypatch.setitem(interp.KERNELS, "Gather", refuse)
+    compile_fails(capsys, tmp_path, m, "node 'node_embedding' (Gather)", "MemoryError: Unable to allocate 64.0 GiB")
+    assert calls == ["node_embedding"]            # the pre-check let it through to the run
+
+
 @pytest.mark.parametrize("extra,needle", [
     (("--target", "dataflow", "--format", "int8", "--machine", "chips=1000"), "chips"),
     (("--format", "nvfp4"), "--format applies to a compile that quantises"),
