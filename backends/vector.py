@@ -330,3 +330,28 @@ KERNELS: dict[str, Callable] = {
     "silu": lambda ip, op, x: clamp32(silu(x)), "gelu": lambda ip, op, x: clamp32(gelu(x)),
     "gated_mlp": v_gated_mlp, "rope": v_rope, "attention": attention,
 }
+
+
+# --- LoRA unit ------------------------------------------------------------------------------------
+def _lora_stage(x, codes, mult, shift, bits: int, block: int = MX):
+    """One low-rank matrix-vector product of the LoRA unit: Q16 ``x`` [T, n] as MXINT, every
+    element brought to its row's least block shift, times the int8 ``codes`` [m, n]; each output
+    requantised by its row's (mult, shift): Q16 [T, m]."""
+    el, e = mx(x, bits, block)
+    w = block_width(x.shape[-1], block)
+    least = e.min(axis=1)
+    aligned = el << np.repeat(e - least[:, None], w, axis=1)
+    acc = np.einsum("tn,mn->tm", aligned, _i64(codes))
+    if acc.size and int(np.abs(acc).max()) >= 1 << 47:
+        raise VectorOverflow("LoRA accumulator exceeds 48 bits")
+    return clamp32(round_shift(acc * _i64(mult)[None, :], _i64(shift)[None, :] - least[:, None]))
+
+
+def lora(y, x, f, bits: int = 8, block: int = MX) -> np.ndarray:
+    """The LoRA unit after a fabric linear: ``y + B (A x)`` from the SRAM's factors ``f`` (a
+    LoraLinear read from the adapter image), saturated to 32 bits (docs/lora.md)."""
+    x = _i64(x)
+    lead, n = x.shape[:-1], x.shape[-1]
+    u = _lora_stage(x.reshape(-1, n), f.a_codes, f.a_mult, f.a_shift, bits, block)
+    d = _lora_stage(u, f.b_codes, f.b_mult, f.b_shift, bits, block)
+    return clamp32(_i64(y) + d.reshape(*lead, -1))

@@ -25,6 +25,7 @@ commands:
   estimate  size a mask-ROM chip (area, transistors, energy/token, tokens/s) from shapes alone
   simulate  run the RTL of a compiled chip's linears on golden's inputs; every output checked
   run       generate tokens on a compiled mask-ROM chip (golden, or the chip's cycle model)
+  adapt     a LoRA adapter for a compiled chip, as an SRAM image (no new metal)
 
 examples:
   tapeout inspect model.onnx
@@ -32,6 +33,7 @@ examples:
   tapeout compile model.onnx -o out/
   tapeout quantize model.onnx --format w3o6 -o q/
   tapeout run out/ --prompt "Once upon a time" --new-tokens 16
+  tapeout adapt out/ --adapter lora/ -o lora-chip/
   tapeout eval model.onnx --format nvfp4 --text eval.txt --tokenizer tokenizer.json --json
 
 Bad input (missing or corrupt files, unsupported ops, unbound dimensions) gives one line
@@ -178,7 +180,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "chip's RTL (hdl/chip.py) under Verilator (a build of 1-2 minutes for a tiny model, cached)")
     p.add_argument("--tokenizer", metavar="T", help="tokenizer.json or a folder holding one (default: the chip "
                    "folder's tokenizer.json, copied at compile time)")
+    p.add_argument("--adapter", metavar="ADAPTER", help="a `tapeout adapt` folder for this chip: its LoRA "
+                   "factors are loaded into the SRAM (golden and chip engines)")
     p.add_argument("--json", action="store_true", help="print tokens, cycles_per_token, engine, ... as JSON")
+
+    p = sub.add_parser("adapt", help="a LoRA adapter for a compiled mask-ROM chip, as an SRAM image",
+                       description="Compile a LoRA adapter into the SRAM beside a chip's ROM: the chip computes "
+                                   "W x + B (A x) with W in the via layers and A, B in SRAM (docs/lora.md). Writes "
+                                   "OUT/adapter/index.json + sram.bin (docs/formats.md), OUT/report.txt/.json (rank "
+                                   "and SRAM bytes per linear) and OUT/manifest.json. `tapeout run CHIP --adapter "
+                                   "OUT` runs the adapted chip.")
+    p.add_argument("chip", metavar="CHIP", help="a `compile --target maskrom` folder")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter folder (adapter_config.json + "
+                     "adapter_model.safetensors, as peft's save_pretrained writes it)")
+    src.add_argument("--finetuned", metavar="FT.onnx", help="a fine-tuned export of the chip's model: per linear, "
+                     "the rank-R truncated SVD of (fine-tuned weights - the chip's dequantised ROM weights)")
+    p.add_argument("--rank", type=int, metavar="R", help="--finetuned: the rank per linear (default 8)")
+    p.add_argument("--targets", metavar="NAMES", help="--finetuned: the linears to adapt, e.g. q_proj,v_proj "
+                   "(default all: every layer's linears, not the head; all+head adds it)")
+    p.add_argument("-o", "--out", required=True, metavar="OUT")
 
     p = sub.add_parser("estimate", help="size a mask-ROM chip from shapes alone",
                        description="Area, transistors, ROM bits, SRAM bytes, energy per token, tokens/s per "
@@ -205,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "chip's, with ratios: hc1 (Taalas HC1, docs/hc1.md)")
     p.add_argument("--context", type=int, metavar="N", help="KV-cache length (default 2048)")
     p.add_argument("--clock", type=float, metavar="HZ", help="clock frequency (default: the table's)")
+    p.add_argument("--lora-rank", type=int, metavar="R", help="maskrom: add a LoRA SRAM of rank R beside the ROM "
+                   "(its bytes, mm^2, energy and the cycles it adds per token; docs/lora.md)")
+    p.add_argument("--lora-targets", metavar="NAMES", help="with --lora-rank: the adapted linears (default "
+                   "q_proj,k_proj,v_proj,o_proj)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     _add_binding_options(p)
     return parser

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -13,7 +14,7 @@ from tapeout.compiler.frontend import fuse, import_graph
 from tapeout.compiler.structure import recognise, render_summary
 from tapeout.driver import (binding_from_args, check_ids, compile_model, load_program, open_folder, quant_options,
                             quantized, read_ids, text_ids_for)
-from tapeout.output import OutputFolder, dumps_json, input_hashes, write_file_atomic
+from tapeout.output import OutputFolder, dumps_json, input_hashes, sha256_file, write_file_atomic
 from tapeout.progress import Progress
 
 
@@ -67,6 +68,51 @@ def cmd_quantize(args: argparse.Namespace, progress: Progress) -> int:
         path = out.commit(manifest)
     print(f"wrote {path}/: {len(qm.weights)} tensors in {config.fmt}, {report['bits_per_weight']:.3f} bits/weight "
           f"({report['bits_per_weight_with_head']:.3f} with the {report['head_format']} head)")
+    return 0
+
+
+def cmd_adapt(args: argparse.Namespace, progress: Progress) -> int:
+    """A LoRA adapter for a compiled chip as an SRAM image (backends/maskrom/adapter.py)."""
+    from tapeout.backends.maskrom import adapter as A
+    from tapeout.compiler.bind import Binding
+    from tapeout.driver import front_end
+    chip = Path(args.chip)
+    with progress.step("reading the chip (program, via layers)"):
+        man, prog, roles, shapes = A.chip_linears(chip)
+    meta = {"chip": chip.name, "chip_manifest_sha256": man["manifest_sha256"]}
+    if args.adapter is not None:
+        if args.rank is not None or args.targets is not None:
+            raise TapeoutError("--rank and --targets apply to --finetuned; a PEFT adapter brings its own ranks "
+                               "and modules")
+        with progress.step(f"reading the PEFT adapter {args.adapter}"):
+            linears, rows, cfg = A.from_peft(args.adapter, roles, shapes)
+        src = Path(args.adapter)
+        meta.update(source="peft", base_model=cfg.get("base_model_name_or_path"), lora_alpha=cfg.get("lora_alpha"))
+        inputs = {"adapter": src.name, "sha256": {n: sha256_file(src / n) for n in
+                                                  ("adapter_config.json", "adapter_model.safetensors")}}
+    else:
+        rank = 8 if args.rank is None else args.rank
+        if rank < 1:
+            raise TapeoutError(f"--rank must be >= 1, not {rank}")
+        ft = Path(args.finetuned)
+        o = man["options"]
+        binding = Binding(batch=o.get("batch") or 1, seq_len=o.get("seq_len"), past_len=o.get("past_len"),
+                          dims=dict(o.get("dims") or {}))
+        graph, _ = front_end(ft, binding, progress)
+        with progress.step(f"rank-{rank} SVD of (fine-tuned - ROM) per linear"):
+            linears, rows = A.from_finetuned(prog, graph, roles, shapes, rank, args.targets)
+        meta.update(source="finetuned", finetuned=ft.name, rank=rank, targets=args.targets or "all")
+        inputs = {"model": ft.name, "sha256": input_hashes(ft)}
+    with OutputFolder(args.out) as out:
+        rep = A.write(out, linears, rows, meta, prog.config.act_bits)
+        manifest = {"tool": "tapeout", "version": __version__, "command": "adapt",
+                    "options": {"target": "maskrom", "chip_manifest_sha256": man["manifest_sha256"],
+                                "source": meta["source"], "rank": meta.get("rank"), "targets": meta.get("targets")},
+                    "input": inputs}
+        path = out.commit(manifest)
+    print(f"wrote {path}/: {rep['linears']} linears, ranks {', '.join(map(str, rep['ranks']))}, "
+          f"SRAM {rep['sram_bytes']:,} bytes ({rep['bits_per_adapted_weight']} bits per adapted ROM weight); "
+          "via layers unchanged")
     return 0
 
 
@@ -150,14 +196,18 @@ def cmd_diff(args: argparse.Namespace, progress: Progress) -> int:
 
     from tapeout.backends.maskrom import diff as D
     progress.enabled = not args.json
+    adapter = _adapter_of(args.a, args.b)
     kinds = [_folder_target(x) for x in (args.a, args.b)]
     if "maskrom" not in kinds and None not in kinds:
         return _diff_programs(args, progress)
     with tempfile.TemporaryDirectory(prefix="tapeout-diff-") as tmp:
         a = D.load_chip(_chip_folder(args.a, args, progress, Path(tmp)))
-        b = D.load_chip(_chip_folder(args.b, args, progress, Path(tmp)))
+        # an adapted chip is its chip's via layers plus SRAM data: its layers are the chip's own
+        b = a if adapter is not None else D.load_chip(_chip_folder(args.b, args, progress, Path(tmp)))
         with progress.step("comparing via layers"):
             r = D.diff_chips(a, b, force_shapes=args.force_shapes)
+        if adapter is not None:
+            r["adapter"] = adapter
         if args.png and r["base_identical"]:
             png = D.heatmap_png(r, a.base["tiles"])
             write_file_atomic(args.png, lambda t: t.write_bytes(png))
@@ -171,9 +221,40 @@ def cmd_diff(args: argparse.Namespace, progress: Progress) -> int:
             r["gds_xor"] = {"tile": tile, "file": args.gds_xor[1],
                             "vias": write_file_atomic(args.gds_xor[1], lambda t: D.gds_xor(a, b, tile, t))}
     r.pop("_tile_changes", None)
-    print(dumps_json(r), end="") if args.json else print(D.render_text(r))
+    text = None if args.json else D.render_text(r)
+    if adapter is not None and text is not None:
+        text += (f"\n\nB is an adapter of A ({adapter['source']}): {adapter['linears']} linears, ranks "
+                 f"{', '.join(map(str, adapter['ranks']))}, {adapter['sram_bytes']:,} SRAM bytes; "
+                 "the via layers are A's (no new metal)")
+    print(dumps_json(r), end="") if args.json else print(text)
     changed = not r["base_identical"] or r.get("changed_vias", 0) > 0
     return 1 if args.fail_on_change and changed else 0
+
+
+def _adapter_of(a: str, b: str) -> dict | None:
+    """When ``b`` is a `tapeout adapt` folder: its SRAM summary, after checking it was made for
+    chip ``a`` (None when ``b`` is no adapter)."""
+    pb = Path(b)
+    if not (pb / "manifest.json").is_file():
+        return None
+    man_b, _ = open_folder(pb)
+    if man_b.get("command") != "adapt":
+        if (Path(a) / "manifest.json").is_file() and open_folder(Path(a))[0].get("command") == "adapt":
+            raise TapeoutError("diff a chip against its adapter as `tapeout diff CHIP ADAPTER`", file=a)
+        return None
+    pa = Path(a)
+    if not (pa / "manifest.json").is_file():
+        raise TapeoutError("an adapter is diffed against the chip it was made for (a compile folder)", file=a)
+    man_a, _ = open_folder(pa)
+    if man_a.get("manifest_sha256") != man_b["options"].get("chip_manifest_sha256"):
+        raise TapeoutError("this adapter was made for another chip (chip_manifest_sha256 differs); diff it "
+                           "against that chip", file=b)
+    try:
+        rep = json.loads((pb / "report.json").read_text(encoding="utf-8"))
+        return {"source": rep["source"], "linears": int(rep["linears"]), "ranks": list(rep["ranks"]),
+                "sram_bytes": int(rep["sram_bytes"])}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TapeoutError(f"unreadable report.json: {type(e).__name__}: {e}", file=b) from None
 
 
 def _folder_target(arg: str) -> str | None:
@@ -225,17 +306,28 @@ def cmd_estimate(args: argparse.Namespace, progress: Progress) -> int:
     if args.machine:
         raise TapeoutError("--machine applies to --target dataflow")
     arch = _arch_options(args.arch or [])
+    if args.lora_targets is not None and args.lora_rank is None:
+        raise TapeoutError("--lora-targets needs --lora-rank")
+    targets = [t.strip() for t in (args.lora_targets or "q_proj,k_proj,v_proj,o_proj").split(",") if t.strip()]
+
+    def lora(result) -> str:
+        if args.lora_rank is None:
+            return ""
+        E.add_lora(result, shape, args.lora_rank, targets, args.tech, args.clock)
+        return "\n" + "\n".join(E.lora_lines(result))
     if args.fabric == "parallel":
         if args.compare:
             raise TapeoutError("--compare applies to the row-serial fabric (--fabric rowserial)")
         result = E.estimate(shape, args.format, args.tech, context=ctx, clock_hz=args.clock, arch=arch)
-        print(dumps_json(result), end="") if args.json else print(E.format_table(result))
+        tail = lora(result)
+        print(dumps_json(result), end="") if args.json else print(E.format_table(result) + tail)
         return 0
     from tapeout.backends.maskrom import rowchip
     result = rowchip.estimate_rowserial(shape, args.format, args.tech, context=ctx, clock_hz=args.clock, arch=arch)
     if args.compare:
         result["compare"] = rowchip.compare(result, args.compare)
-    print(dumps_json(result), end="") if args.json else print(rowchip.format_rowserial(result))
+    tail = lora(result)
+    print(dumps_json(result), end="") if args.json else print(rowchip.format_rowserial(result) + tail)
     return 0
 
 
@@ -274,6 +366,12 @@ def cmd_run(args: argparse.Namespace, progress: Progress) -> int:
     folder = Path(args.out)
     with progress.step("reading the chip (program, via layers, sequencer)"):
         man, prog, layers, plan, seq = cm.load_chip(folder)
+    adapter = None
+    if args.adapter is not None:
+        from tapeout.backends.maskrom import adapter as A
+        adapter = A.load(args.adapter, man, prog)
+        if args.engine == "verilator":
+            raise TapeoutError("--adapter runs on --engine golden or chip; the whole-chip RTL has no LoRA unit yet")
     tok = None
     if args.prompt is not None or (folder / "tokenizer.json").is_file() or args.tokenizer:
         tok = _run_tokenizer(args, folder, required=args.prompt is not None)
@@ -286,8 +384,9 @@ def cmd_run(args: argparse.Namespace, progress: Progress) -> int:
     n = args.new_tokens
     if args.engine == "golden":
         with progress.step(f"golden: {n} tokens, one window of {seq.seq_len} positions each"):
-            gen = cm.golden_generate(prog, prompt, n, context=seq.context)
-        gen.cycles = [seq.cycles_at(len(prompt) - 1 + i) for i in range(n)]
+            gen = cm.golden_generate(prog, prompt, n, context=seq.context, adapter=adapter)
+        extra = sum(f.cycles for f in (adapter or {}).values())
+        gen.cycles = [seq.cycles_at(len(prompt) - 1 + i) + extra for i in range(n)]
     elif args.engine == "verilator":
         from tapeout.backends.maskrom import chiprtl
         from tapeout.hdl.chip import ChipTop, run_tokens_verilator
@@ -307,7 +406,7 @@ def cmd_run(args: argparse.Namespace, progress: Progress) -> int:
                                 cycles=cycles[len(prompt) - 1:] if cycles else [], seconds=_time.perf_counter() - t0)
     else:
         with progress.step(f"building the chip model ({len(layers.names)} linears' word-line images)"):
-            chip = cm.ChipModel(prog, layers, plan, seq)
+            chip = cm.ChipModel(prog, layers, plan, seq, adapter=adapter)
         with progress.step(f"chip model: {len(prompt)} prompt + {n} new tokens"):
             gen = chip.generate(prompt, n)
     clock = float(man.get("options", {}).get("clock_hz") or 1e9)
@@ -315,6 +414,9 @@ def cmd_run(args: argparse.Namespace, progress: Progress) -> int:
     r = {"engine": args.engine, "chip": str(folder), "prompt": [int(t) for t in prompt], "tokens": gen.tokens,
          "cycles": gen.cycles, "cycles_per_token": mean, "clock_hz": clock,
          "tokens_per_s": clock / mean if mean else None, "context": seq.context, "seconds": round(gen.seconds, 3)}
+    if adapter is not None:
+        r["adapter"] = {"folder": str(args.adapter), "linears": len(adapter),
+                        "lora_cycles_per_token": sum(f.cycles for f in adapter.values())}
     if tok is not None:
         r["text"] = tok.decode(gen.tokens)
         r["prompt_text"] = tok.decode(r["prompt"])
@@ -328,6 +430,8 @@ def cmd_run(args: argparse.Namespace, progress: Progress) -> int:
     lines = [f"chip      {folder}  ({man['options'].get('format')}, {len(seq.attention)} layers, context {seq.context}, "
              f"{len(seq.instrs)} sequencer instructions)",
              f"engine    {what}",
+             *([f"adapter   {args.adapter}: {len(adapter)} linears in SRAM, +{r['adapter']['lora_cycles_per_token']:,} "
+                f"LoRA-unit cycles per token"] if adapter is not None else []),
              f"prompt    {len(prompt)} tokens" + (f": {r['prompt_text']!r}" if tok is not None else f": {r['prompt']}"),
              f"tokens    {gen.tokens}"]
     if tok is not None:

@@ -96,12 +96,13 @@ def window_feeds(prog: IntegerProgram, ids, seq: int) -> dict[str, np.ndarray]:
 
 
 def golden_generate(prog: IntegerProgram, prompt, n_new: int, *, context: int | None = None,
-                    keep_logits: bool = False, progress: Callable[[int], None] | None = None) -> Generation:
+                    keep_logits: bool = False, progress: Callable[[int], None] | None = None,
+                    adapter: dict | None = None) -> Generation:
     itf = prog.interface
     seq = sequencer.analyse(prog)[2]
     ctx = seq if context is None else min(context, seq)
     ids = check_prompt(prompt, n_new, itf.vocab, ctx)
-    gm, t0 = Golden(prog), time.perf_counter()
+    gm, t0 = Golden(prog, lora=adapter), time.perf_counter()
     out = Generation([], list(ids), "golden")
     cur = list(ids)
     for step in range(n_new):
@@ -132,8 +133,11 @@ class ChipModel:
     """The whole chip, token by token, from its artifacts: the program's op list as the
     sequencer runs it, linears from the via layers' word-line images, a KV cache per attention."""
 
-    def __init__(self, prog: IntegerProgram, layers: ViaLayers, plan: dict, seq: sequencer.Sequencer):
+    def __init__(self, prog: IntegerProgram, layers: ViaLayers, plan: dict, seq: sequencer.Sequencer,
+                 adapter: dict | None = None):
         self.prog, self.layers, self.plan, self.seq = prog, layers, plan, seq
+        self.adapter = dict(adapter or {})          # linear op -> LoraLinear read from the SRAM image
+        self.lora_cycles = sum(f.cycles for f in self.adapter.values())   # the LoRA unit, after its linears
         index = {n: i for i, n in enumerate(layers.names)}
         missing = [op.name for op in prog.ops if op.kind == "linear" and op.name not in index]
         if missing:
@@ -210,6 +214,8 @@ class ChipModel:
             args = [value(op.inputs[0])] if k == "linear" else [value(i) for i in op.inputs]
             if k == "linear":
                 y = self._linear(op.name, args[0], one(g.tensors[outs[0]].shape, axis.get(outs[0])))
+                if op.name in self.adapter:             # the LoRA unit: + B(Ax) from the SRAM
+                    y = vu.lora(y, args[0], self.adapter[op.name], self.act_bits)
                 res = (y,)
             elif k == "attention":
                 kc, vc = self.cache[op.name]
@@ -230,7 +236,7 @@ class ChipModel:
                 if o:
                     env[o] = v
         logits = env[seq.lm_head].reshape(-1)
-        cycles = seq.cycles_at(t)
+        cycles = seq.cycles_at(t) + self.lora_cycles
         self.position += 1
         return logits, cycles
 

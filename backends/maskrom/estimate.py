@@ -615,3 +615,46 @@ def format_table(result: dict) -> str:
     lines.append(f"pipelined: up to {p['users']} users in flight, {p['aggregate_tokens_per_s']:,.0f} tokens/s "
                  f"aggregate (needs {p['kv_sram_bytes_for_users'] / 2**20:,.0f} MiB of KV SRAM)")
     return "\n".join(lines)
+
+
+def add_lora(result: dict, shape: ModelShape, rank: int, targets: list[str], tech="n5",
+             clock_hz: float | None = None) -> dict:
+    """The LoRA SRAM beside the ROM (docs/lora.md) added to an estimate: SRAM bytes and area for
+    rank ``rank`` on the linears whose role ends in one of ``targets``, its read energy and
+    leakage, the LoRA unit (``lora.LORA_MACS`` int8 MACs) and the cycles it adds per token."""
+    from tapeout.compiler import lora
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise TapeoutError(f"--lora-rank must be a positive integer, not {rank!r}")
+    roles = {name.rsplit(".", 1)[-1] for name, _, _ in shape.linears}
+    bad = [t for t in targets if t not in roles]
+    if bad or not targets:
+        raise TapeoutError(f"--lora-targets names {bad[0] if bad else 'nothing'}; this model's linears are "
+                           f"{', '.join(sorted(roles))}")
+    chosen = [(n, o, i) for n, o, i in shape.linears if n.rsplit(".", 1)[-1] in targets]
+    table, v, _ = tech_and_context(tech, clock_hz, shape, result["context"])
+    E = _Energy(v)
+    nbytes = sum(lora.sram_bytes(o, i, rank) for _, o, i in chosen)
+    sram_mm2 = 8 * nbytes * v["sram_bitcell_um2"] / v["sram_array_efficiency"] / 1e6
+    macs = lora.LORA_MACS
+    unit_t = macs * (t_mult(8, 8) + t_adder(32)) + 2 * t_mult(32, 16) + 2 * 64 * t_reg(32)
+    unit_mm2 = unit_t / (v["logic_density_mtr_per_mm2"] * 1e6)
+    added = sum(lora.cycles(o, i, rank, macs) for _, o, i in chosen)
+    energy = 8 * nbytes * E.sram_bit + sum(rank * (i + o) for _, o, i in chosen) * (E.mult(8, 8) + E.add(32))
+    leak = sram_mm2 * v["leakage_sram_w_per_mm2"] + unit_mm2 * v["leakage_logic_w_per_mm2"]
+    cycles = result["cycles_per_token"] + added
+    clock = result["clock_hz"]
+    out = {"rank": rank, "targets": list(targets), "linears": len(chosen), "sram_bytes": nbytes,
+           "sram_mib": nbytes / 2**20, "sram_mm2": sram_mm2, "unit_mm2": unit_mm2, "unit_macs_per_cycle": macs,
+           "unit_transistors": round(unit_t), "leakage_w": leak, "energy_per_token_j": energy,
+           "cycles_per_token_added": added, "area_mm2_with": result["area_mm2"] + sram_mm2 + unit_mm2,
+           "cycles_per_token_with": cycles, "tokens_per_s_with": clock / cycles}
+    result["lora"] = out
+    return out
+
+
+def lora_lines(r: dict) -> list[str]:
+    x = r["lora"]
+    return [f"LoRA      rank {x['rank']} on {','.join(x['targets'])} ({x['linears']} linears): SRAM "
+            f"{x['sram_mib']:,.2f} MiB = {x['sram_mm2']:,.2f} mm^2, LoRA unit ({x['unit_macs_per_cycle']} MACs) "
+            f"{x['unit_mm2']:,.3f} mm^2; +{x['cycles_per_token_added']:,} cycles/token -> "
+            f"{x['tokens_per_s_with']:,.0f} tokens/s, die {x['area_mm2_with']:,.1f} mm^2"]

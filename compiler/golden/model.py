@@ -70,11 +70,12 @@ class Golden:
     config)`` builds one first (``weights`` maps every ``linear`` op name to a QuantTensor-like
     object: ``codes``, ``group_size``, ``group_scale``, ``row_scale``, rows = output channels).
     ``linear_fn`` replaces the linear kernel (a backend's model of a linear, same signature as
-    :func:`linear_int`).
+    :func:`linear_int`). ``lora`` maps linear op names to their SRAM adapters
+    (:class:`~tapeout.compiler.lora.LoraLinear`): those linears add ``B (A x)`` (docs/lora.md).
     """
 
     def __init__(self, program, weights: Mapping[str, object] | None = None, config: GoldenConfig = GoldenConfig(),
-                 *, linear_fn: Callable | None = None):
+                 *, linear_fn: Callable | None = None, lora: Mapping[str, object] | None = None):
         from ..program import IntegerProgram
         if isinstance(program, Golden):
             program = program.program
@@ -85,6 +86,10 @@ class Golden:
         self.ops = self.order = program.ops
         self.interface = program.interface
         self.linear_fn = linear_fn
+        self.lora = dict(lora or {})
+        unknown = sorted(set(self.lora) - set(self.linears))
+        if unknown:
+            raise TapeoutError(f"the adapter names linear {unknown[0]!r}, which the program does not have")
 
     def const(self, name: str) -> np.ndarray:
         """A constant in golden's representation (float -> Q16, saturating; ints as they are)."""
@@ -152,7 +157,12 @@ def linear_int(gm: Golden, L: IntLinear, x: np.ndarray, what: str) -> np.ndarray
 
 def k_linear(gm: Golden, op: Op, x, w, b=None):
     fn = gm.linear_fn or linear_int
-    return fn(gm, gm.linears[op.name], x, op.name)
+    y = fn(gm, gm.linears[op.name], x, op.name)
+    f = gm.lora.get(op.name)
+    if f is None:
+        return y
+    from .. import lora
+    return lora.apply(y, f, x, gm.config.act_bits, gm.config.block)
 
 
 def k_add(gm, op, a, b):
