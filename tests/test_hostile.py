@@ -123,9 +123,15 @@ def test_sparse_initializer_equals_its_dense_twin(capsys, tmp_path):
     assert outs[0] == outs[1] and any(k.startswith("program/") for k in outs[0])
 
 
+TARGETS = [("--target", "maskrom", "--format", "nvfp4"), ("--target", "systolic", "--format", "int8"),
+           ("--target", "dataflow", "--format", "int8"), ()]
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=["maskrom", "systolic", "dataflow", "none"])
 @pytest.mark.parametrize("bad,needle", [(np.nan, "non-finite"), (np.inf, "epsilon"), (-np.inf, "epsilon")])
-def test_non_finite_norm_epsilon(capsys, tmp_path, tiny_llama, bad, needle):
-    """NaN or Inf in an RMSNorm's eps (a scalar Add the masks exemption skips) never reaches golden."""
+def test_non_finite_norm_epsilon(capsys, tmp_path, tiny_llama, bad, needle, target):
+    """NaN or Inf in an RMSNorm's eps (a scalar Add the masks exemption skips) never reaches a
+    backend: the systolic and dataflow simulators run their vector units before golden."""
     m = onnx.load(str(tiny_llama))
     means = {n.output[0] for n in m.graph.node if n.op_type == "ReduceMean"}
     name = next(n.input[1] for n in m.graph.node if n.op_type == "Add" and n.input[0] in means)
@@ -133,7 +139,35 @@ def test_non_finite_norm_epsilon(capsys, tmp_path, tiny_llama, bad, needle):
     a = numpy_helper.to_array(init).copy()
     a[...] = bad
     init.CopyFrom(numpy_helper.from_array(a, name))
-    compile_fails(capsys, tmp_path, save(tmp_path, m), needle, extra=("--target", "maskrom", "--format", "nvfp4"))
+    compile_fails(capsys, tmp_path, save(tmp_path, m), needle, extra=target)
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=["maskrom", "systolic", "dataflow", "none"])
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, 1e30])
+def test_attention_score_scale_out_of_range(capsys, tmp_path, tiny_llama, bad, target):
+    """The constant scaling q (or the scores) set to Inf or 1e30: the fused attention's scale has no
+    integer multiplier; refused at fusion, naming the attention node (the 10,000-case run's last class)."""
+    m = onnx.load(str(tiny_llama))
+    soft = next(n for n in m.graph.node if n.op_type == "Softmax")
+    consts = {t.name: t for t in m.graph.initializer if numpy_helper.to_array(t).size == 1
+              and numpy_helper.to_array(t).dtype.kind == "f"}
+    producers = {o: n for n in m.graph.node for o in n.output}
+    seen, todo, hit = set(), [soft.input[0]], None
+    while todo and hit is None:             # walk back from the scores to the first scalar scaling
+        t = todo.pop()
+        n = producers.get(t)
+        if n is None or t in seen:
+            continue
+        seen.add(t)
+        if n.op_type in ("Mul", "Div"):
+            hit = next((i for i in n.input if i in consts), None)
+        todo.extend(n.input)
+    assert hit is not None
+    a = numpy_helper.to_array(consts[hit]).copy()
+    a[...] = bad
+    consts[hit].CopyFrom(numpy_helper.from_array(a, hit))
+    compile_fails(capsys, tmp_path, save(tmp_path, m), "score scale", "node_scaled_dot_product_attention",
+                  extra=target)
 
 
 def test_axis_too_large_for_c_int(capsys, tmp_path, tiny_llama):

@@ -22,6 +22,7 @@ from typing import ClassVar
 import networkx as nx
 import numpy as np
 
+from ..errors import TapeoutError
 from ..interp import OpError, run_op
 from ..ir import Graph, Op, TensorInfo
 from ..kernels_fused import gelu_fn, silu_fn
@@ -72,6 +73,30 @@ def _last_axis(graph: Graph, op: Op) -> bool:
         axes = None if c is None else tuple(int(a) for a in c.reshape(-1))
     rank = len(graph.tensors[op.inputs[0]].shape or ())
     return axes is not None and len(axes) == 1 and axes[0] in (-1, rank - 1) and op.attr("keepdims", 1) == 1
+
+
+MAX_SCORE_SCALE = float(1 << 16)
+
+
+def _score_scale(graph: Graph, op: Op, scale: float) -> float:
+    """An attention's score scale, refused when no integer multiplier can hold it."""
+    if not math.isfinite(scale) or abs(scale) > MAX_SCORE_SCALE:
+        raise TapeoutError(f"the attention's score scale is {scale!r} (from the constants scaling q, k or the "
+                           f"scores); it must be finite and at most {MAX_SCORE_SCALE:g} in magnitude",
+                           file=graph.meta.get("file"), node=op.name, op=op.kind)
+    return scale
+
+
+def _norm_eps(graph: Graph, op: Op, eps) -> float:
+    """A norm's epsilon, finite and in [0, 8): every integer backend holds it as eps * 2**60."""
+    try:
+        value = float(eps)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not (math.isfinite(value) and 0.0 <= value < 8.0):
+        raise TapeoutError(f"the norm's epsilon is {eps!r}; it must be finite and in [0, 8)",
+                           file=graph.meta.get("file"), node=op.name, op=op.kind)
+    return value
 
 
 # --- linear -------------------------------------------------------------------------------------
@@ -197,19 +222,19 @@ class FuseRMSNorm:
             if op.name not in graph.nx:
                 continue
             if op.kind == "RMSNormalization" and op.attr("axis", -1) in (-1, len(graph.tensors[op.inputs[0]].shape) - 1):
-                replace_root(graph, op, "rmsnorm", [op.inputs[0], op.inputs[1]], {"eps": float(op.attr("epsilon", 1e-5))})
+                replace_root(graph, op, "rmsnorm", [op.inputs[0], op.inputs[1]], {"eps": _norm_eps(graph, op, op.attr("epsilon", 1e-5))})
                 changed = True
             elif op.kind == "Mul" and (sc := split_const(graph, op)) is not None and sc[1].ndim == 1 \
                     and (core := _rms_core(graph, sc[0])) is not None:
                 g = op.inputs[0] if graph.is_constant(op.inputs[0]) else op.inputs[1]
-                replace_root(graph, op, "rmsnorm", [core[0], g], {"eps": core[1]})
+                replace_root(graph, op, "rmsnorm", [core[0], g], {"eps": _norm_eps(graph, op, core[1])})
                 changed = True
             elif op.kind in ("Mul", "Div") and (core := _rms_core(graph, op.outputs[0])) is not None:
                 # no gamma: rmsnorm with ones
                 users = graph.consumer_ops(op.outputs[0])
                 if len(users) == 1 and users[0].kind == "Mul" and split_const(graph, users[0]):
                     continue  # the gamma Mul is the root; handled when we reach it
-                replace_root(graph, op, "rmsnorm", [core[0], _ones(graph, core[0])], {"eps": core[1]})
+                replace_root(graph, op, "rmsnorm", [core[0], _ones(graph, core[0])], {"eps": _norm_eps(graph, op, core[1])})
                 changed = True
         return changed
 
@@ -228,7 +253,7 @@ class FuseLayerNorm:
                 continue
             if op.kind == "LayerNormalization" and len([o for o in op.outputs if o]) == 1 and \
                     op.attr("axis", -1) in (-1, len(graph.tensors[op.inputs[0]].shape) - 1):
-                replace_root(graph, op, "layernorm", list(op.inputs), {"eps": float(op.attr("epsilon", 1e-5))},
+                replace_root(graph, op, "layernorm", list(op.inputs), {"eps": _norm_eps(graph, op, op.attr("epsilon", 1e-5))},
                              outputs=op.outputs[:1])
                 changed = True
             elif op.kind == "Add" and (sc := split_const(graph, op)) is not None and sc[1].ndim == 1:
@@ -239,7 +264,7 @@ class FuseLayerNorm:
                     continue
                 g = mul.inputs[0] if graph.is_constant(mul.inputs[0]) else mul.inputs[1]
                 b = op.inputs[0] if graph.is_constant(op.inputs[0]) else op.inputs[1]
-                replace_root(graph, op, "layernorm", [core[0], g, b], {"eps": core[1]})
+                replace_root(graph, op, "layernorm", [core[0], g, b], {"eps": _norm_eps(graph, op, core[1])})
                 changed = True
         return changed
 
@@ -629,7 +654,7 @@ class FuseAttention:
         v = _find_source(graph, v_in, repeat_kv(False))
         if k is None or v is None:
             return False
-        attrs = {"scale": float(s_factor * s2 * q_factor * k_factor), "causal": False}
+        attrs = {"scale": _score_scale(graph, pv, float(s_factor * s2 * q_factor * k_factor)), "causal": False}
         inputs = [q, k, v]
         if mask:
             mc = const(graph, mask)
@@ -667,7 +692,7 @@ class FuseAttention:
                 shp[2] += graph.tensors[new].shape[2]
                 graph.tensors[out] = TensorInfo(tuple(shp), graph.tensors[src].dtype)
             k, v = pk, pvn
-        attrs = {"scale": float(scale), "causal": bool(op.attr("is_causal", 0))}
+        attrs = {"scale": _score_scale(graph, op, float(scale)), "causal": bool(op.attr("is_causal", 0))}
         inputs = [q, k, v]
         if mask:
             mc = const(graph, mask)
