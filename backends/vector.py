@@ -344,7 +344,10 @@ def _lora_stage(x, codes, mult, shift, bits: int, block: int = MX):
     acc = np.einsum("tn,mn->tm", aligned, _i64(codes))
     if acc.size and int(np.abs(acc).max()) >= 1 << 47:
         raise VectorOverflow("LoRA accumulator exceeds 48 bits")
-    return clamp32(round_shift(acc * _i64(mult)[None, :], _i64(shift)[None, :] - least[:, None]))
+    v = acc * _i64(mult)[None, :]
+    k = np.minimum(np.maximum(_i64(shift)[None, :] - least[:, None], -31), 62)   # a total requantiser
+    up = np.minimum(np.maximum(v, -(1 << 31)), 1 << 31) * np.left_shift(np.int64(1), np.maximum(-k, 0))
+    return clamp32(np.where(k > 0, round_shift(v, np.maximum(k, 0)), up))
 
 
 def lora(y, x, f, bits: int = 8, block: int = MX) -> np.ndarray:

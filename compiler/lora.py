@@ -7,7 +7,8 @@ Q16 input ``x`` [T, in]:
 
 1. ``x`` as MXINT (the linear's own input quantiser: ``act_bits`` elements, one shift per
    block of 32), scaled to the row's least shift: ``xs = elem << (shift - emin)``;
-2. ``u = round(xs . A_codes^T * a_mult / 2**(a_shift - emin))``: Q16 [T, r];
+2. ``u = round(xs . A_codes^T * a_mult / 2**(a_shift - emin))``: Q16 [T, r] (``requant``:
+   the shift clamped to [-31, 62], saturating);
 3. ``u`` as MXINT over its ``r`` values (block ``mx_block(r)``), ``us``, ``emin_u`` as in 1;
 4. ``d = round(us . B_codes^T * b_mult / 2**(b_shift - emin_u))``: Q16 [T, out];
 5. ``y = saturate32(y_linear + d)``, ``y_linear`` the chip's (saturated) linear output.
@@ -30,7 +31,7 @@ from .golden import fixed as fx
 
 FORMAT = "tapeout-lora-sram/1"
 LORA_MACS = 1024     # int8 multiply-accumulates per cycle of the LoRA unit
-LORA_LATENCY = 4     # cycles of its two requantisers (2 each)
+LORA_LATENCY = 7     # start, an SRAM read per product, u's MXINT quantiser (3), ready (hdl/lora.py)
 CODE_MAX = 127
 # the arrays of one linear in the SRAM image, in order: (name, dtype)
 FIELDS = (("a_codes", "<i1"), ("b_codes", "<i1"), ("a_mult", "<i2"), ("a_shift", "<i1"),
@@ -74,10 +75,13 @@ class LoraLinear:
 
 
 def cycles(o_dim: int, i_dim: int, rank: int, macs: int = LORA_MACS) -> int:
-    """Cycles one adapted linear adds per token: ``A x`` (r x in MACs), then ``B u`` (out x r),
-    ``macs`` a cycle, after the fabric's output (the two products cannot start before x is in
-    and u is complete)."""
-    return -(-rank * i_dim // macs) + -(-o_dim * rank // macs) + LORA_LATENCY
+    """Cycles one adapted linear adds per token (hdl/lora.py's LoraUnit): ``A x`` a group of
+    ``macs // in`` rank rows a cycle (a row in ``ceil(in / macs)`` cycles when wider), then
+    ``B u`` a group of ``macs // r`` output rows a cycle, plus ``LORA_LATENCY``. It runs after
+    the fabric's output (u needs all of x; B u needs all of u)."""
+    ca = -(-rank // (macs // i_dim)) if i_dim <= macs else rank * -(-i_dim // macs)
+    cb = -(-o_dim // (macs // rank)) if rank <= macs else o_dim * -(-rank // macs)
+    return ca + cb + LORA_LATENCY
 
 
 def sram_bytes(o_dim: int, i_dim: int, rank: int) -> int:
@@ -129,11 +133,24 @@ def delta(f: LoraLinear, x: np.ndarray, bits: int = 8, block: int = fx.MX_BLOCK)
     X = np.asarray(x, np.int64).reshape(-1, i_dim)
     xs, emin = _mx_scaled(X, bits, block)
     acc = fx.check_acc(fx.int_matmul(xs, f.a_codes.T.astype(np.int64)), f"LoRA A of {f.op}")
-    u = fx.saturate32(fx.rshift_round(acc * f.a_mult[None, :], f.a_shift[None, :] - emin[:, None]))
+    u = requant(acc, f.a_mult, f.a_shift, emin)
     us, emin_u = _mx_scaled(u, bits, block)
     acc = fx.check_acc(fx.int_matmul(us, f.b_codes.T.astype(np.int64)), f"LoRA B of {f.op}")
-    d = fx.rshift_round(acc * f.b_mult[None, :], f.b_shift[None, :] - emin_u[:, None])
-    return fx.saturate32(d).reshape(*lead, o_dim)
+    return requant(acc, f.b_mult, f.b_shift, emin_u).reshape(*lead, o_dim)
+
+
+SHIFT_MIN, SHIFT_MAX = -31, 62
+
+
+def requant(acc: np.ndarray, mult: np.ndarray, shift: np.ndarray, emin: np.ndarray) -> np.ndarray:
+    """``sat32(round(acc * mult / 2**k))``, ``k = shift - emin`` clamped to [-31, 62] (k < -31 or
+    > 62 give the same saturated or rounded result for |acc * mult| < 2**62); a left shift
+    saturates instead of wrapping: the value is first clamped to +-2**31."""
+    v = np.asarray(acc, np.int64) * np.asarray(mult, np.int64)[None, :]
+    k = np.clip(np.asarray(shift, np.int64)[None, :] - np.asarray(emin, np.int64)[:, None], SHIFT_MIN, SHIFT_MAX)
+    right = fx.rshift_round(v, np.maximum(k, 0))
+    left = np.left_shift(np.clip(v, -(1 << 31), 1 << 31), np.maximum(-k, 0))
+    return fx.saturate32(np.where(k > 0, right, left))
 
 
 def apply(y: np.ndarray, f: LoraLinear, x: np.ndarray, bits: int = 8, block: int = fx.MX_BLOCK) -> np.ndarray:

@@ -27,6 +27,7 @@ from amaranth.lib import wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
+from .lora import LoraUnit
 from .rowserial import RowSerialLinear
 from tapeout.compiler.golden.fixed import mx_block
 
@@ -386,6 +387,7 @@ class ChipTop(wiring.Component):
         self._mx_phase(m, n, f"op{n}", blocks, B, s.act_bits, f"op{n}_run", i, o, j, on_block, on_cycle)
         P = img.chains
         parts = op["parts"]
+        lora_states = [f"op{n}_lora{p}" for p, f in enumerate(op.get("lora") or []) if f is not None]
         with m.State(f"op{n}_run"):
             m.d.comb += lin.start.eq(1)
             m.next = f"op{n}_collect"
@@ -402,7 +404,29 @@ class ChipTop(wiring.Component):
                 m.d.sync += j.eq(j + 1)
                 with m.If(j == img.slots - 1):
                     self._reset(m, i, o, j)
-                    m.next = nxt
+                    m.next = lora_states[0] if lora_states else nxt
+        # the LoRA units (docs/lora.md): each adapted linear of the stage adds B(Ax) to its outputs,
+        # from its SRAM banks, on the x registers the fabric read
+        adapted = [(p, f) for p, f in enumerate(op.get("lora") or []) if f is not None]
+        for q, (p, f) in enumerate(adapted):
+            dst, lo, hi = parts[p]
+            unit = m.submodules[f"lora{n}_{p}"] = LoraUnit(f, img.in_dim, s.act_bits)
+            m.d.comb += unit.start.eq(0)
+            for k in range(img.in_dim):
+                m.d.comb += unit.xe[k].eq(xe[k])
+            for b in range(nblk):
+                m.d.comb += unit.xs[b].eq(xs[b])
+            m.d.comb += unit.emin.eq(emin)
+            for r in range(hi - lo):
+                m.d.comb += unit.y[r].eq(S[dst].regs[r])
+            after = lora_states[q + 1] if q + 1 < len(adapted) else nxt
+            with m.State(lora_states[q]):
+                m.d.comb += unit.start.eq(1)
+                m.next = lora_states[q] + "_wait"
+            with m.State(lora_states[q] + "_wait"):
+                with m.If(unit.ready):
+                    m.d.sync += [S[dst].regs[r].eq(unit.out[r]) for r in range(hi - lo)]
+                    m.next = after
 
     def _attention(self, m, n, op, nxt, S, read, token, pos, i, o, j):
         """The token's k and v MXINT-quantised into the engine's KV cache at the position
@@ -614,6 +638,7 @@ def rtl_cycles(spec: dict, position: int) -> dict[str, int]:
             img = op["image"]
             c = tm.linear(img.in_dim, img.out_dim, L, chains=img.chains,
                           chain_tiles=img.chain_tiles, cols=img.spec.cols)
+            c += sum(f.cycles for f in op.get("lora") or [] if f is not None)     # the LoRA units
         elif k == "attention":
             c = tm.attention(position + 1, op["heads"], op["kv_heads"], op["d"], L, P)
         elif k == "argmax":

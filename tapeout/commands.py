@@ -370,8 +370,6 @@ def cmd_run(args: argparse.Namespace, progress: Progress) -> int:
     if args.adapter is not None:
         from tapeout.backends.maskrom import adapter as A
         adapter = A.load(args.adapter, man, prog)
-        if args.engine == "verilator":
-            raise TapeoutError("--adapter runs on --engine golden or chip; the whole-chip RTL has no LoRA unit yet")
     tok = None
     if args.prompt is not None or (folder / "tokenizer.json").is_file() or args.tokenizer:
         tok = _run_tokenizer(args, folder, required=args.prompt is not None)
@@ -396,7 +394,7 @@ def cmd_run(args: argparse.Namespace, progress: Progress) -> int:
             raise TapeoutError(f"--engine verilator: {why}")
         chiprtl.check_size(layers, plan)
         with progress.step("the whole chip's RTL (hdl/chip.py) from the via layers and the program"):
-            top = ChipTop(chiprtl.build_spec(prog, layers, plan, seq))
+            top = ChipTop(chiprtl.build_spec(prog, layers, plan, seq, adapter))
         stats: dict = {}
         with progress.step(f"Verilator: build (cached by hash) and {len(prompt)} prompt + {n} new tokens"):
             import time as _time

@@ -253,3 +253,106 @@ def test_estimate_lora_llama8b(capsys):
     assert_one_line_error(code, err, "--lora-targets names qq_proj")
     code, _, err = run_cli(capsys, "estimate", "--hf-config", cfg, "--format", "w3o6", "--lora-rank", 0)
     assert_one_line_error(code, err, "--lora-rank must be a positive integer")
+
+
+# --- the LoRA unit in RTL -------------------------------------------------------------------------
+def _sim_lora_unit(f, cases, bits=8):
+    """Drive hdl.lora.LoraUnit on the Amaranth simulator: per case (x Q16 [in], y [out]) the
+    unit's MXINT input from x, its outputs and the cycles from start to ready."""
+    from amaranth.sim import Simulator
+    from tapeout.hdl.lora import LoraUnit
+    o, i = f.shape
+    dut = LoraUnit(f, i, bits)
+    got = []
+
+    async def bench(ctx):
+        for x, y in cases:
+            el, sh = fx.mx_quantize(x[None, :], bits, fx.MX_BLOCK)
+            for k in range(i):
+                ctx.set(dut.xe[k], int(el[0, k]))
+            for b in range(sh.shape[1]):
+                ctx.set(dut.xs[b], int(sh[0, b]))
+            ctx.set(dut.emin, int(sh.min()))
+            for q in range(o):
+                ctx.set(dut.y[q], int(y[q]))
+            ctx.set(dut.start, 1)
+            await ctx.tick()
+            ctx.set(dut.start, 0)
+            n = 1
+            while not ctx.get(dut.ready):
+                await ctx.tick()
+                n += 1
+                assert n < 10_000
+            got.append(([ctx.get(dut.out[q]) for q in range(o)], n))
+            await ctx.tick()
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(bench)
+    sim.run()
+    return dut, got
+
+
+@pytest.mark.parametrize("o,i,r", [(64, 64, 4), (32, 64, 8), (48, 32, 3)])
+def test_lora_unit_rtl_equals_golden(o, i, r):
+    rng = np.random.default_rng(o + i + r)
+    f = lora.quantize("op", "r", *_factors(rng, o, i, r, scale=0.3), scale=2.0)
+    cases = []
+    for t in range(4):
+        x = rng.integers(-(2**20), 2**20, i)
+        if t == 1:
+            x[:] = 2**31 - 1                                # the largest inputs, all equal
+        y = rng.integers(-(2**31), 2**31, o)
+        if t == 2:
+            y[:] = 2**31 - 1                                # saturating adds
+        cases.append((x, y))
+    dut, got = _sim_lora_unit(f, cases)
+    checked = 0
+    for (x, y), (out, n) in zip(cases, got):
+        want = lora.apply(y[None, :], f, x[None, :])[0]
+        assert out == [int(v) for v in want]
+        checked += len(out)
+        assert n == dut.cycles - 1 == lora.cycles(o, i, r) - 1      # the micro-op adds its start cycle
+    assert checked == 4 * o
+
+
+def test_whole_chip_rtl_with_lora_units_on_amaranth(tiny, tmp_path, lora_case):
+    """The tiny Llama's whole-chip RTL with the peft adapter's LoRA units: 2 tokens equal golden's
+    with the adapter (and differ from the un-adapted chip's), cycles = the sequencer's + the LoRA units'."""
+    from test_chip_rtl import ARCH
+    from tapeout.backends.maskrom import chipmodel as cm, chiprtl
+    from tapeout.hdl.chip import ChipTop, rtl_cycles, run_tokens
+    root, _, ad, ft = lora_case
+    chip, adapted = tmp_path / "chip", tmp_path / "ad"
+    assert main(["compile", str(tiny.export("llama")), "--target", "maskrom", "--format", "nvfp4", "-o", str(chip), *ARCH]) == 0
+    assert main(["adapt", str(chip), "--adapter", str(ft / "adapter"), "-o", str(adapted)]) == 0
+    man, prog, layers, plan, seq = cm.load_chip(chip)
+    adapter = A.load(adapted, man, prog)
+    spec = chiprtl.build_spec(prog, layers, plan, seq, adapter)
+    assert sum(f is not None for op in spec["ops"] if op["kind"] == "linear" for f in op["lora"]) == 8
+    prompt = [7]
+    tokens, cycles = run_tokens(ChipTop(spec), prompt, 2)
+    want = cm.golden_generate(prog, prompt, 2, adapter=adapter).tokens
+    assert tokens == want and len(tokens) == 2
+    assert want != cm.golden_generate(prog, prompt, 2).tokens
+    extra = sum(f.cycles for f in adapter.values())
+    assert cycles == [sum(rtl_cycles(spec, p).values()) for p in range(2)]
+    assert cycles == [seq.cycles_at(p) + extra for p in range(2)]
+
+
+@pytest.mark.rtl
+def test_sixteen_adapted_tokens_under_verilator(capsys, tiny, tmp_path, lora_case):
+    from test_chip_rtl import ARCH
+    from tapeout.hdl.sim import verilator_available
+    ok, why = verilator_available()
+    if not ok:
+        pytest.skip(why)
+    root, _, _, ft = lora_case
+    chip, adapted = tmp_path / "chip", tmp_path / "ad"
+    assert main(["compile", str(tiny.export("llama")), "--target", "maskrom", "--format", "nvfp4", "-o", str(chip), *ARCH]) == 0
+    assert main(["adapt", str(chip), "--adapter", str(ft / "adapter"), "-o", str(adapted)]) == 0
+    capsys.readouterr()
+    np.save(tmp_path / "p.npy", np.array([5]))
+    res = {e: _run(capsys, chip, "--tokens", tmp_path / "p.npy", "--new-tokens", 16, "--engine", e, "--adapter", adapted)
+           for e in ("golden", "verilator")}
+    assert res["verilator"]["tokens"] == res["golden"]["tokens"] and len(res["golden"]["tokens"]) == 16
+    assert res["verilator"]["cycles"] == res["golden"]["cycles"]

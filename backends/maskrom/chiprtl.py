@@ -50,8 +50,9 @@ def _one(shape, a):
     return tuple(s)
 
 
-def build_spec(prog, layers, plan, seq) -> dict:
-    """The ChipTop description of a compiled chip (see ``hdl.chip.ChipTop``)."""
+def build_spec(prog, layers, plan, seq, adapter: dict | None = None) -> dict:
+    """The ChipTop description of a compiled chip (see ``hdl.chip.ChipTop``); ``adapter`` (linear
+    op -> LoraLinear) puts LoRA units after the linears it names."""
     g, itf = prog.graph, prog.interface
     axis, tables = seq.axis, seq.tables
     ctx = seq.context
@@ -185,6 +186,7 @@ def build_spec(prog, layers, plan, seq) -> dict:
     for op in ops:                                  # each stage's stacked word-line image
         if op["kind"] == "linear":
             op["image"] = rowfabric.stage_image(layers, op["linears"], plan)
+            op["lora"] = [(adapter or {}).get(layers.names[li]) for li in op["linears"]]
             lo, op["parts"] = 0, []
             for dst, rows in op["dsts"]:
                 op["parts"].append((dst, lo, lo + rows))
