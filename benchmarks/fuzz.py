@@ -25,7 +25,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cases", type=int, default=10_000)
-    ap.add_argument("--groups", nargs="+", choices=("model", "option", "config", "folder"))
+    ap.add_argument("--groups", nargs="+", choices=("model", "option", "config", "folder", "adapter"))
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds before a case counts as a hang")
     ap.add_argument("--work", help="scratch folder (default: a temporary one); failed cases are kept there")
     ap.add_argument("--show", type=int, default=20)

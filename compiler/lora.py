@@ -230,6 +230,9 @@ def read_peft(folder: str | Path) -> tuple[dict, dict[str, tuple[np.ndarray, np.
     if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
         raise TapeoutError(f"peft_type is {cfg.get('peft_type')!r}; only LoRA adapters go into the SRAM",
                            file=str(cfg_path))
+    for key in ("use_dora", "use_rslora"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], bool):
+            raise TapeoutError(f"{key} must be true or false, not {cfg[key]!r:.40}", file=str(cfg_path))
     if cfg.get("use_dora"):
         raise TapeoutError("a DoRA adapter (use_dora) rescales the ROM weights' columns; the chip adds B(Ax) only",
                            file=str(cfg_path))
@@ -254,7 +257,13 @@ def read_peft(folder: str | Path) -> tuple[dict, dict[str, tuple[np.ndarray, np.
                                "modules_to_save are not supported)", file=str(st_path))
         pairs.setdefault(m.group(1), {})[m.group(2)] = np.asarray(t, np.float32)
     out = {}
-    alpha_pattern = cfg.get("alpha_pattern") or {}
+    patterns = {}
+    for key in ("alpha_pattern", "rank_pattern"):
+        pat = cfg.get(key) or {}
+        if not isinstance(pat, dict) or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                            or not math.isfinite(v) or v <= 0 for v in pat.values()):
+            raise TapeoutError(f"{key} must map module names to positive numbers, not {pat!r:.60}", file=str(cfg_path))
+        patterns[key] = pat
     for module, ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
             raise TapeoutError(f"module {module!r} has lora_{next(iter(ab))} but no lora_{'AB'[next(iter(ab)) == 'A']}",
@@ -264,8 +273,11 @@ def read_peft(folder: str | Path) -> tuple[dict, dict[str, tuple[np.ndarray, np.
             raise TapeoutError(f"module {module!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} are not "
                                "[r, in] and [out, r]", file=str(st_path))
         r = a.shape[0]
-        al = next((float(v) for k, v in alpha_pattern.items() if module.endswith(k)), float(alpha))
-        scale = al / (math.sqrt(r) if cfg.get("use_rslora") else r)
+        want = next((v for k, v in patterns["rank_pattern"].items() if module.endswith(k)), r0)
+        if want != r:
+            raise TapeoutError(f"module {module!r}: lora_A has rank {r}, the config says r={want!r}", file=str(cfg_path))
+        al = next((float(v) for k, v in patterns["alpha_pattern"].items() if module.endswith(k)), float(alpha))
+        scale = al / (math.sqrt(r) if cfg.get("use_rslora") is True else r)
         out[module] = (a, b, scale)
     if not out:
         raise TapeoutError("the adapter holds no LoRA weights", file=str(st_path))

@@ -39,7 +39,7 @@ BAD = ("internal", "hang", "accepted-invalid", "damaged-accepted", "half-written
 
 @dataclass
 class Case:
-    group: str                      # model | option | config | folder
+    group: str                      # model | option | config | folder | adapter
     name: str                       # the mutation
     argv: list[str]
     invalid: bool = False           # exit 0 would be wrong
@@ -166,6 +166,8 @@ class Seeds:
     folder2: Path                   # a second folder (int8) for diff
     config: Path                    # an HF config.json
     tokens: Path                    # a valid prompt .npy
+    peft: Path | None = None        # a PEFT LoRA folder for the seed chip (made with numpy)
+    adapter: Path | None = None     # its `tapeout adapt` folder
 
 
 def make_seeds(root: Path, model: Path, config: Path) -> Seeds:
@@ -179,7 +181,36 @@ def make_seeds(root: Path, model: Path, config: Path) -> Seeds:
                 raise RuntimeError(f"the seed compile of {model} ({fmt}) failed: exit {code}")
     tokens = root / "prompt.npy"
     np.save(tokens, np.array([1, 2, 3], np.int64))
-    return Seeds(model, folder, folder2, config, tokens)
+    peft, adapter = root / "peft", root / "adapter"
+    if not (adapter / "manifest.json").is_file():
+        write_peft(peft, folder)
+        code = _quiet(main, ["adapt", str(folder), "--adapter", str(peft), "-o", str(adapter)])
+        if code:
+            raise RuntimeError(f"the seed adapter of {folder} failed: exit {code}")
+    return Seeds(model, folder, folder2, config, tokens, peft, adapter)
+
+
+def write_peft(out: Path, chip: Path, rank: int = 4, seed: int = 0) -> None:
+    """A PEFT-format LoRA folder (rank ``rank`` on every layer's q_proj and v_proj of ``chip``),
+    random factors, written with safetensors as peft's save_pretrained lays it out."""
+    from safetensors.numpy import save_file
+    index = json.loads((chip / "layers" / "index.json").read_text())
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for x in index["linears"]:
+        role = x["role"]
+        if role.endswith(("q_proj", "v_proj")):
+            o, i = x["shape"]
+            layer, name = role.split(".")[1], role.split(".")[2]
+            key = f"base_model.model.model.layers.{layer}.self_attn.{name}"
+            tensors[f"{key}.lora_A.weight"] = (rng.normal(size=(rank, i)) * 0.1).astype(np.float32)
+            tensors[f"{key}.lora_B.weight"] = (rng.normal(size=(o, rank)) * 0.1).astype(np.float32)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": ["q_proj", "v_proj"],
+        "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "use_dora": False, "alpha_pattern": {},
+        "base_model_name_or_path": None}, indent=2))
 
 
 def _quiet(fn, argv):
@@ -533,9 +564,74 @@ def folder_cases(rng: random.Random, seeds: Seeds, n: int) -> list[Case]:
     return out
 
 
+# --- adapters: PEFT folders into `adapt`, damaged adapter folders into `run` and `diff` ------------
+_CONFIG_EDITS = [("r", [0, -4, "x", None, 4.5, 10**9]), ("lora_alpha", [0, -1, "x", None, float("inf"), 1e300]),
+                 ("peft_type", ["IA3", None, 7]), ("use_dora", [True]), ("use_rslora", [True, "yes"]),
+                 ("alpha_pattern", [{"q_proj": 3}, {"q_proj": "x"}, [], None])]
+
+
+def adapter_cases(rng: random.Random, seeds: Seeds, n: int) -> list[Case]:
+    peft = {p.name: p.read_bytes() for p in seeds.peft.iterdir()}
+    arels = sorted(str(p.relative_to(seeds.adapter)) for p in seeds.adapter.rglob("*") if p.is_file())
+    out = []
+    for k in range(n):
+        if k % 2 == 0:                              # a mutated PEFT folder into adapt
+            files = {f"peft/{n_}": b for n_, b in peft.items()}
+            which = rng.choice(["config", "config", "tensors", "damage"])
+            if which == "config":
+                cfg = json.loads(peft["adapter_config.json"])
+                key, values = rng.choice(_CONFIG_EDITS)
+                cfg[key] = rng.choice(values)
+                files["peft/adapter_config.json"] = json.dumps(cfg).encode()
+                name = f"config {key}={cfg[key]!r:.20}"
+            elif which == "tensors":
+                from safetensors.numpy import load, save
+                t = load(peft["adapter_model.safetensors"])
+                key = rng.choice(sorted(t))
+                kind = rng.choice(["shape", "nan", "drop", "rename", "huge", "dtype"])
+                if kind == "shape":
+                    t[key] = np.zeros((t[key].shape[0] + 1, t[key].shape[1]), np.float32)
+                elif kind == "nan":
+                    t[key] = t[key].copy()
+                    t[key].flat[rng.randrange(t[key].size)] = rng.choice([np.nan, np.inf])
+                elif kind == "drop":
+                    del t[key]
+                elif kind == "rename":
+                    t[key.replace("layers.", "layers.9")] = t.pop(key)
+                elif kind == "huge":
+                    t[key] = (t[key] * 1e30).astype(np.float32)
+                else:
+                    t[key] = t[key].astype(np.float16)
+                files["peft/adapter_model.safetensors"] = save(t)
+                name = f"tensors {kind}"
+            else:
+                rel = rng.choice(sorted(peft))
+                bad, kind = _damage(rng, peft[rel], rel)
+                files[f"peft/{rel}"] = bad
+                name = f"{kind} {rel}"
+            out.append(Case("adapter", name, ["adapt", str(seeds.folder), "--adapter", "{W}/peft", "-o", "{W}/out"],
+                            out="{W}/out", files=files))
+        else:                                       # a damaged adapter folder into run or diff
+            rel = "manifest.json" if k % 6 == 1 else rng.choice(arels)
+            data = (seeds.adapter / rel).read_bytes()
+            bad, kind = _damage(rng, data, rel)
+            if bad == data:
+                bad = data + b"\n"
+            files = {f"ad/{r}": (seeds.adapter / r).read_bytes() for r in arels if r != rel}
+            files[f"ad/{rel}"] = bad
+            cmd = rng.choice([["run", str(seeds.folder), "--adapter", "{W}/ad", "--tokens", str(seeds.tokens),
+                               "--new-tokens", "1"],
+                              ["run", str(seeds.folder), "--adapter", "{W}/ad", "--tokens", str(seeds.tokens),
+                               "--new-tokens", "1", "--engine", "golden"],
+                              ["diff", str(seeds.folder), "{W}/ad"]])
+            out.append(Case("adapter", f"{kind} adapter {rel}", cmd, damaged=True, files=files))
+    return out
+
+
 # --- a campaign ---------------------------------------------------------------------------------
-GROUPS = {"model": model_cases, "option": option_cases, "config": config_cases, "folder": folder_cases}
-MIX = {"model": 0.5, "option": 0.15, "config": 0.15, "folder": 0.2}
+GROUPS = {"model": model_cases, "option": option_cases, "config": config_cases, "folder": folder_cases,
+          "adapter": adapter_cases}
+MIX = {"model": 0.45, "option": 0.15, "config": 0.12, "folder": 0.18, "adapter": 0.1}
 
 
 def cases(seed: int, n: int, seeds: Seeds, groups=None) -> list[Case]:
