@@ -8,12 +8,16 @@ Models (all made by scripts in models/, cached):
 - a peft LoRA fine-tune, rank 8 on q/k/v/o_proj, trained on the FAQ text of
   models/smollm2_finetune.py (models/lora_finetune.py smollm2): its adapter folder goes into the
   chip's SRAM (`tapeout adapt --adapter`); its merged float model is the reference;
-- the full fine-tune of models/smollm2_finetune.py: `tapeout adapt --finetuned --rank R`;
-- the base model's own float weights: `tapeout adapt --finetuned BASE --rank R` for R = 4..32.
+- the LoRA fine-tune's merged model again, as `tapeout adapt --finetuned --rank 16` (the SVD of its
+  weights minus the ROM's: the adapter and part of the ROM's error in one);
+- the full fine-tune of models/smollm2_finetune.py: `tapeout adapt --finetuned --rank R`, with the
+  plain SVD and with the default output-weighted one;
+- the base model's own float weights: `tapeout adapt --finetuned BASE --rank R` for R = 4..32,
+  plain and weighted.
 
 Each chip is scored with golden (integer, the adapter in its SRAM) against the float model it
-should match, on the first ``--eval-tokens`` tokens of benchmarks/data/eval.txt in windows of
-the export's length: KLD as llama.cpp defines it, and top-1 agreement. "recovered" is
+should match, on the first ``--eval-tokens`` tokens of benchmarks/data/eval.txt and (fine-tune
+rows) on the FAQ text the fine-tunes learnt, in windows of the export's length: KLD as llama.cpp defines it, and top-1 agreement. "recovered" is
 (KLD un-adapted - KLD adapted) / (KLD un-adapted - KLD of the fine-tune compiled from scratch).
 """
 from __future__ import annotations
@@ -66,6 +70,9 @@ def main() -> int:
     base = sm.export("prefill", seq_len=a.seq_len)
     full = ftm.export(seq_len=a.seq_len)
     peft_dir = lf.smollm2(rank=8, seq_len=a.seq_len)
+    import shutil
+    for stale in ("adapter-full", "adapter-own-r4", "adapter-own-r8", "adapter-own-r16", "adapter-own-r32"):
+        shutil.rmtree(work / stale, ignore_errors=True)     # made before the weighted SVD: names changed
     print(f"[lora] models ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
     def chip(name: str, model: Path) -> Path:
@@ -90,51 +97,67 @@ def main() -> int:
             print(f"[lora] adapter {name} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
         return A.load(out, man, prog), json.loads((out / "report.json").read_text())
 
+    faq = work / "faq.txt"
+    faq.write_text(ftm.FAQ_TEXT)
+    texts = {"eval.txt": ids, "FAQ": np.array(tok.encode(ftm.FAQ_TEXT).ids, np.int64)}
+    r_ft = a.full_rank
+    specs = [  # label, reference float model, adapt arguments, adapter name, scratch compile
+        ("peft LoRA r8 (--adapter)", peft_dir / "merged.onnx", ("--adapter", peft_dir / "adapter"), "lora", "lora"),
+        ("LoRA merged, --finetuned r16", peft_dir / "merged.onnx", ("--finetuned", peft_dir / "merged.onnx", "--rank", 16),
+         "lora-w-r16", "lora"),
+        (f"full FT, --finetuned r{r_ft} plain", full, ("--finetuned", full, "--rank", r_ft, "--plain-svd"), "full", "full"),
+        (f"full FT, --finetuned r{r_ft}", full, ("--finetuned", full, "--rank", r_ft), f"full-w-r{r_ft}", "full"),
+    ]
     rows, own = [], []
-    for name, ref_model, args in (("peft LoRA r8 q/k/v/o", peft_dir / "merged.onnx", ("--adapter", peft_dir / "adapter")),
-                                  (f"full fine-tune, SVD r{a.full_rank}", full,
-                                   ("--finetuned", full, "--rank", a.full_rank))):
-        key = "lora" if name.startswith("peft") else "full"
-        ref = frontend(ref_model)
-        refs = reference_logits(ref, windows(ids, a.seq_len))
+    refs_of: dict = {}
+    base_kld: dict = {}
+    for label, ref_model, args, key, sk in specs:
         ad, rep = adapt(key, *args)
-        t = time.perf_counter()
-        un = A.kld(prog, ref, ids, refs=refs)
-        ok = A.kld(prog, ref, ids, ad, refs=refs)
-        fresh = A.kld(load_program(scratch[key]), ref, ids, refs=refs)
-        gap = un["kld_mean"] - fresh["kld_mean"]
-        rows.append({"fine_tune": name, "sram_bytes": rep["sram_bytes"], "linears": rep["linears"],
-                     "kld_unadapted": un["kld_mean"], "kld_adapted": ok["kld_mean"], "kld_scratch": fresh["kld_mean"],
-                     "top1_unadapted": un["top1_agree"], "top1_adapted": ok["top1_agree"],
-                     "top1_scratch": fresh["top1_agree"],
-                     "recovered": (un["kld_mean"] - ok["kld_mean"]) / gap if gap > 0 else None,
-                     "seconds": round(time.perf_counter() - t, 1)})
-        del ref, refs
+        for tname, tids in texts.items():
+            ck = (str(ref_model), tname)
+            if ck not in refs_of:
+                ref = frontend(ref_model)
+                refs_of[ck] = (ref, reference_logits(ref, windows(tids, a.seq_len)))
+            ref, refs = refs_of[ck]
+            if ck not in base_kld:
+                base_kld[ck] = (A.kld(prog, ref, tids, refs=refs), A.kld(load_program(scratch[sk]), ref, tids, refs=refs))
+            un, fresh = base_kld[ck]
+            ok = A.kld(prog, ref, tids, ad, refs=refs)
+            gap = un["kld_mean"] - fresh["kld_mean"]
+            rows.append({"fine_tune": label, "text": tname, "sram_bytes": rep["sram_bytes"], "linears": rep["linears"],
+                         "kld_unadapted": un["kld_mean"], "kld_adapted": ok["kld_mean"], "kld_scratch": fresh["kld_mean"],
+                         "top1_unadapted": un["top1_agree"], "top1_adapted": ok["top1_agree"],
+                         "top1_scratch": fresh["top1_agree"],
+                         "recovered": (un["kld_mean"] - ok["kld_mean"]) / gap if gap > 0 else None})
+            print(f"[lora] {label} on {tname}: {rows[-1]['kld_adapted']:.4f}", file=sys.stderr)
+    refs_of.clear()
     ref = frontend(base)
     refs = reference_logits(ref, windows(ids, a.seq_len))
     plain = A.kld(prog, ref, ids, refs=refs)
     for r in a.ranks:
-        ad, rep = adapt(f"own-r{r}", "--finetuned", base, "--rank", r)
-        k = A.kld(prog, ref, ids, ad, refs=refs)
-        own.append({"rank": r, "sram_bytes": rep["sram_bytes"], "sram_mib": rep["sram_mib"], "kld": k["kld_mean"],
-                    "top1": k["top1_agree"], "kld_removed": 1 - k["kld_mean"] / plain["kld_mean"]})
+        for kind, extra in (("plain", ("--plain-svd",)), ("weighted", ())):
+            ad, rep = adapt(f"own-{kind}-r{r}", "--finetuned", base, "--rank", r, *extra)
+            k = A.kld(prog, ref, ids, ad, refs=refs)
+            own.append({"rank": r, "svd": kind, "sram_bytes": rep["sram_bytes"], "sram_mib": rep["sram_mib"],
+                        "kld": k["kld_mean"], "top1": k["top1_agree"], "kld_removed": 1 - k["kld_mean"] / plain["kld_mean"]})
 
     n = len(windows(ids, a.seq_len))
-    print(f"SmolLM2-135M, {a.format} chip, prefill seq {a.seq_len}; scored on {n} windows of eval.txt "
-          f"({n * (a.seq_len - 1)} positions); KLD and top-1 against each row's float fine-tune")
-    print(f"{'fine-tune':28s} {'SRAM MiB':>9s} {'un-adapted':>11s} {'adapted':>9s} {'scratch':>9s} {'recovered':>10s}"
-          f"   top-1 un/ad/scratch")
+    print(f"SmolLM2-135M, {a.format} chip, prefill seq {a.seq_len}; KLD and top-1 against each row's float fine-tune, "
+          f"on eval.txt ({n} windows) and the FAQ text the fine-tunes learnt ({len(windows(texts['FAQ'], a.seq_len))} windows)")
+    print(f"{'fine-tune':32s} {'text':9s} {'SRAM MiB':>9s} {'un-adapted':>11s} {'adapted':>9s} {'scratch':>9s} "
+          f"{'recovered':>10s}   top-1 un/ad/scratch")
     for r in rows:
         rec = "n/a" if r["recovered"] is None else f"{100 * r['recovered']:.0f} %"
-        print(f"{r['fine_tune']:28s} {r['sram_bytes'] / 2**20:9.2f} {r['kld_unadapted']:11.4f} {r['kld_adapted']:9.4f} "
-              f"{r['kld_scratch']:9.4f} {rec:>10s}   {r['top1_unadapted']:.3f}/{r['top1_adapted']:.3f}/"
-              f"{r['top1_scratch']:.3f}")
+        print(f"{r['fine_tune']:32s} {r['text']:9s} {r['sram_bytes'] / 2**20:9.2f} {r['kld_unadapted']:11.4f} "
+              f"{r['kld_adapted']:9.4f} {r['kld_scratch']:9.4f} {rec:>10s}   {r['top1_unadapted']:.3f}/"
+              f"{r['top1_adapted']:.3f}/{r['top1_scratch']:.3f}")
     print()
-    print(f"the base chip corrected toward its own float weights (--finetuned BASE): {a.format} alone "
+    print(f"the base chip corrected toward its own float weights (--finetuned BASE), eval.txt: {a.format} alone "
           f"KLD {plain['kld_mean']:.4f}, top-1 {plain['top1_agree']:.3f}")
-    print(f"{'rank':>5s} {'SRAM MiB':>9s} {'KLD':>8s} {'removed':>8s} {'top-1':>6s}")
+    print(f"{'rank':>5s} {'SVD':>9s} {'SRAM MiB':>9s} {'KLD':>8s} {'removed':>8s} {'top-1':>6s}")
     for r in own:
-        print(f"{r['rank']:5d} {r['sram_mib']:9.2f} {r['kld']:8.4f} {100 * r['kld_removed']:7.1f}% {r['top1']:6.3f}")
+        print(f"{r['rank']:5d} {r['svd']:>9s} {r['sram_mib']:9.2f} {r['kld']:8.4f} {100 * r['kld_removed']:7.1f}% "
+              f"{r['top1']:6.3f}")
     if a.json:
         Path(a.json).write_text(json.dumps({"finetunes": rows, "own": own, "plain": plain}, indent=1) + "\n")
     return 0

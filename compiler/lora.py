@@ -293,11 +293,26 @@ def rom_weight(L) -> np.ndarray:
     return np.asarray(L.codes, np.float64) * gs * row[:, None]
 
 
-def low_rank(d: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """Truncated SVD of ``d`` [out, in]: (A [r, in], B [out, r], the fraction of ||d||_F kept out)."""
-    u, s, vt = np.linalg.svd(np.asarray(d, np.float64), full_matrices=False)
+def low_rank(d: np.ndarray, rank: int, hessian: np.ndarray | None = None, damp: float = 0.01
+             ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Rank-``rank`` factors of ``d`` [out, in]: (A [r, in], B [out, r], the fraction of the error
+    left). Without ``hessian``: the truncated SVD, the fraction of ||d||_F left. With the input
+    statistics ``hessian`` = X^T X / n [in, in] of the linear: the factors that minimise the
+    *output* error ||(d - B A) X^T|| (SVD of d L, L the Cholesky factor of the damped H, then
+    A = S^1/2 V^T L^-1), and the fraction of that output error left."""
+    d = np.asarray(d, np.float64)
+    if hessian is None:
+        u, s, vt = np.linalg.svd(d, full_matrices=False)
+        r = min(rank, len(s))
+        root = np.sqrt(s[:r])
+        total, rest = float(np.sum(s ** 2)), float(np.sum(s[r:] ** 2))
+        return root[:, None] * vt[:r], u[:, :r] * root[None, :], (math.sqrt(rest / total) if total > 0 else 0.0)
+    h = np.asarray(hessian, np.float64)
+    h = h + (damp * max(float(np.mean(np.diag(h))), 1e-12)) * np.eye(h.shape[0])
+    low = np.linalg.cholesky(h)
+    u, s, vt = np.linalg.svd(d @ low, full_matrices=False)
     r = min(rank, len(s))
     root = np.sqrt(s[:r])
-    total = float(np.sum(s ** 2))
-    rest = float(np.sum(s[r:] ** 2))
-    return root[:, None] * vt[:r], u[:, :r] * root[None, :], (math.sqrt(rest / total) if total > 0 else 0.0)
+    a = np.linalg.solve(low.T, (root[:, None] * vt[:r]).T).T          # S^1/2 V^T L^-1
+    total, rest = float(np.sum(s ** 2)), float(np.sum(s[r:] ** 2))
+    return a, u[:, :r] * root[None, :], (math.sqrt(rest / total) if total > 0 else 0.0)

@@ -199,6 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, metavar="R", help="--finetuned: the rank per linear (default 8)")
     p.add_argument("--targets", metavar="NAMES", help="--finetuned: the linears to adapt, e.g. q_proj,v_proj "
                    "(default all: every layer's linears, not the head; all+head adds it)")
+    p.add_argument("--calib", metavar="TEXT", help="--finetuned: text whose activations weight the SVD (default "
+                   "the built-in calib.txt; the factors minimise the linears' output error on it)")
+    p.add_argument("--calib-tokens", metavar="IDS.npy", help="--finetuned: calibration as token ids instead of text")
+    p.add_argument("--calib-max-tokens", type=int, default=2048, metavar="N",
+                   help="--finetuned: calibration tokens used at most (default 2048)")
+    p.add_argument("--tokenizer", metavar="T", help="--finetuned: tokenizer.json for --calib (default: the chip "
+                   "folder's, else the one beside FT.onnx)")
+    p.add_argument("--plain-svd", action="store_true", help="--finetuned: the plain truncated SVD of the weight "
+                   "difference, no calibration")
     p.add_argument("-o", "--out", required=True, metavar="OUT")
 
     p = sub.add_parser("estimate", help="size a mask-ROM chip from shapes alone",

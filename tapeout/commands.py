@@ -81,9 +81,10 @@ def cmd_adapt(args: argparse.Namespace, progress: Progress) -> int:
         man, prog, roles, shapes = A.chip_linears(chip)
     meta = {"chip": chip.name, "chip_manifest_sha256": man["manifest_sha256"]}
     if args.adapter is not None:
-        if args.rank is not None or args.targets is not None:
-            raise TapeoutError("--rank and --targets apply to --finetuned; a PEFT adapter brings its own ranks "
-                               "and modules")
+        if args.rank is not None or args.targets is not None or args.calib or args.calib_tokens or args.plain_svd \
+                or args.tokenizer:
+            raise TapeoutError("--rank, --targets, --calib, --tokenizer and --plain-svd apply to --finetuned; a PEFT "
+                               "adapter brings its own ranks and modules")
         with progress.step(f"reading the PEFT adapter {args.adapter}"):
             linears, rows, cfg = A.from_peft(args.adapter, roles, shapes)
         src = Path(args.adapter)
@@ -99,21 +100,70 @@ def cmd_adapt(args: argparse.Namespace, progress: Progress) -> int:
         binding = Binding(batch=o.get("batch") or 1, seq_len=o.get("seq_len"), past_len=o.get("past_len"),
                           dims=dict(o.get("dims") or {}))
         graph, _ = front_end(ft, binding, progress)
-        with progress.step(f"rank-{rank} SVD of (fine-tuned - ROM) per linear"):
-            linears, rows = A.from_finetuned(prog, graph, roles, shapes, rank, args.targets)
-        meta.update(source="finetuned", finetuned=ft.name, rank=rank, targets=args.targets or "all")
+        stats, calib = None, None
+        if not args.plain_svd:
+            stats, calib = _adapt_calibration(args, chip, ft, graph, progress)
+        what = "SVD" if stats is None else "output-weighted SVD"
+        with progress.step(f"rank-{rank} {what} of (fine-tuned - ROM) per linear"):
+            linears, rows = A.from_finetuned(prog, graph, roles, shapes, rank, args.targets, stats=stats)
+        meta.update(source="finetuned", finetuned=ft.name, rank=rank, targets=args.targets or "all",
+                    weighted=stats is not None, calibration=calib)
         inputs = {"model": ft.name, "sha256": input_hashes(ft)}
     with OutputFolder(args.out) as out:
         rep = A.write(out, linears, rows, meta, prog.config.act_bits)
         manifest = {"tool": "tapeout", "version": __version__, "command": "adapt",
                     "options": {"target": "maskrom", "chip_manifest_sha256": man["manifest_sha256"],
-                                "source": meta["source"], "rank": meta.get("rank"), "targets": meta.get("targets")},
+                                "source": meta["source"], "rank": meta.get("rank"), "targets": meta.get("targets"),
+                                "weighted": meta.get("weighted"), "calibration": meta.get("calibration")},
                     "input": inputs}
         path = out.commit(manifest)
     print(f"wrote {path}/: {rep['linears']} linears, ranks {', '.join(map(str, rep['ranks']))}, "
           f"SRAM {rep['sram_bytes']:,} bytes ({rep['bits_per_adapted_weight']} bits per adapted ROM weight); "
           "via layers unchanged")
     return 0
+
+
+def _adapt_calibration(args: argparse.Namespace, chip: Path, ft: Path, graph, progress: Progress):
+    """Hessians of the fine-tuned model's linear inputs on the calibration text (for the
+    output-weighted SVD of `adapt --finetuned`) and a record of the text."""
+    from importlib import resources
+
+    from tokenizers import Tokenizer
+
+    from tapeout.compiler.qmodel import calibrate, seq_len_of, windows
+    from tapeout.driver import text_ids
+    from tapeout.output import sha256_file
+    if args.calib_max_tokens < 1:
+        raise TapeoutError(f"--calib-max-tokens must be >= 1, not {args.calib_max_tokens}")
+    if args.calib_tokens:
+        if args.calib:
+            raise TapeoutError("--calib and --calib-tokens are two calibration sources: give one")
+        source = args.calib_tokens
+        ids = read_ids(source)
+    else:
+        cands = [Path(args.tokenizer)] if args.tokenizer else [chip / "tokenizer.json", ft.parent / "tokenizer.json"]
+        cands = [c / "tokenizer.json" if c.is_dir() else c for c in cands]
+        tok_path = next((c for c in cands if c.is_file()), None)
+        if tok_path is None:
+            raise TapeoutError("the output-weighted SVD calibrates on text and needs a tokenizer: pass --tokenizer "
+                               "tokenizer.json, --calib-tokens IDS.npy or --plain-svd", file=str(args.tokenizer or chip))
+        try:
+            tok = Tokenizer.from_file(str(tok_path))
+        except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exceptions
+            raise TapeoutError(f"cannot load tokenizer: {e}", file=str(tok_path)) from None
+        source = args.calib or str(resources.files("tapeout.compiler") / "data" / "calib.txt")
+        ids = text_ids(source, tok)
+    check_ids(ids, graph, "calibration", source)
+    ids = ids[: args.calib_max_tokens]
+    seq = seq_len_of(graph)
+    wins = windows(ids, seq)
+    if not wins:
+        raise TapeoutError(f"calibration text has {len(ids)} tokens, fewer than one window of {seq}", file=source)
+    with progress.step(f"calibrating the fine-tuned model on {len(wins) * seq} tokens"):
+        stats = calibrate(graph, wins, hessian=True)
+    builtin = not (args.calib or args.calib_tokens)
+    return stats, {"file": "(built-in calib.txt)" if builtin else Path(source).name,
+                   "sha256": sha256_file(Path(source)), "tokens": len(wins) * seq}
 
 
 def cmd_eval(args: argparse.Namespace, progress: Progress) -> int:

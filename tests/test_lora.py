@@ -144,14 +144,27 @@ def test_adapt_finetuned(capsys, lora_case, tmp_path):
     root, chip, ad, ft = lora_case
     out = tmp_path / "svd"
     code, stdout, err = run_cli(capsys, "adapt", chip, "--finetuned", ft / "merged.onnx", "--rank", 4,
-                                "--targets", "q_proj,v_proj", "-o", out)
+                                "--targets", "q_proj,v_proj", "--plain-svd", "-o", out)
     assert code == 0, err
     rep = json.loads((out / "report.json").read_text())
     assert rep["linears"] == 4 and {r["role"].split(".")[-1] for r in rep["rows"]} == {"q_proj", "v_proj"}
+    assert rep["weighted"] is False
     for r in rep["rows"]:
         # the fine-tune's own change is rank 4: what is left is the ROM's quantisation error
         assert 0 <= r["gap_left_svd"] <= r["gap_left"] < 1
     assert "q_proj" in (out / "report.txt").read_text()
+    # the output-weighted SVD on calibration token ids: less output error left than the plain one
+    np.save(tmp_path / "calib.npy", np.random.default_rng(3).integers(0, 256, 256))
+    out2 = tmp_path / "weighted"
+    code, _, err = run_cli(capsys, "adapt", chip, "--finetuned", ft / "merged.onnx", "--rank", 4, "--targets",
+                           "q_proj,v_proj", "--calib-tokens", tmp_path / "calib.npy", "-o", out2)
+    assert code == 0, err
+    rep2 = json.loads((out2 / "report.json").read_text())
+    assert rep2["weighted"] is True and rep2["calibration"]["tokens"] == 256
+    # int8 factors leave about what the float ones do (rounding can land either side)
+    assert all(0 <= r["gap_left"] <= r["gap_left_svd"] + 0.02 and r["gap_left"] < 1 for r in rep2["rows"])
+    code, _, err = run_cli(capsys, "adapt", chip, "--finetuned", ft / "merged.onnx", "-o", tmp_path / "x")
+    assert_one_line_error(code, err, "needs a tokenizer")
 
 
 def test_diff_reports_no_via_changed(capsys, lora_case):
@@ -218,9 +231,9 @@ def test_bad_adapter_files(capsys, lora_case, tmp_path):
     code, _, err = run_cli(capsys, "adapt", chip, "--adapter", tmp_path, "-o", tmp_path / "out")
     assert_one_line_error(code, err, "no adapter_config.json")
     code, _, err = run_cli(capsys, "adapt", chip, "--adapter", ft / "adapter", "--rank", 4, "-o", tmp_path / "out")
-    assert_one_line_error(code, err, "--rank and --targets apply to --finetuned")
+    assert_one_line_error(code, err, "--rank, --targets, --calib, --tokenizer and --plain-svd apply to --finetuned")
     code, _, err = run_cli(capsys, "adapt", chip, "--finetuned", ft / "merged.onnx", "--targets", "qq_proj",
-                           "-o", tmp_path / "out")
+                           "--plain-svd", "-o", tmp_path / "out")
     assert_one_line_error(code, err, "--targets names 'qq_proj'")
 
 

@@ -12,6 +12,7 @@ report and a manifest naming the chip (its ``manifest_sha256``).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -87,9 +88,11 @@ def from_peft(folder: str | Path, roles: dict[str, str], shapes: dict[str, tuple
 
 
 def from_finetuned(prog, ft_graph, roles: dict[str, str], shapes: dict[str, tuple[int, int]], rank: int,
-                   targets: str | None, step: Callable[[int, int], None] | None = None
+                   targets: str | None, step: Callable[[int, int], None] | None = None, stats=None
                    ) -> tuple[list[lora.LoraLinear], list[dict]]:
-    """Rank-``rank`` SRAM corrections from a fine-tuned model's weights to the chip's ROM."""
+    """Rank-``rank`` SRAM corrections from a fine-tuned model's weights to the chip's ROM;
+    ``stats`` (calibration of the fine-tuned model, with Hessians) weights them by the linears'
+    inputs (``lora.low_rank``)."""
     from tapeout.compiler.qmodel import linear_roles
     if not isinstance(rank, int) or rank < 1:
         raise TapeoutError(f"--rank must be a positive integer, not {rank!r}")
@@ -108,10 +111,15 @@ def from_finetuned(prog, ft_graph, roles: dict[str, str], shapes: dict[str, tupl
         if not np.isfinite(w).all():
             raise TapeoutError(f"the fine-tuned {role} holds a non-finite weight")
         d = w - lora.rom_weight(prog.linears[op])
-        a, b, rest = lora.low_rank(d, rank)
+        h = None if stats is None else stats.hessian.get(fop.inputs[0])
+        a, b, rest = lora.low_rank(d, rank, h)
         f = lora.quantize(op, role, a, b)
-        dn = float(np.linalg.norm(d))
-        stored = float(np.linalg.norm(d - f.dense()) / dn) if dn > 0 else 0.0
+
+        def size(m):                             # ||m||_F, or the output error sqrt(tr(M H M^T))
+            return float(np.linalg.norm(m)) if h is None else math.sqrt(max(float(np.einsum("oi,ij,oj->", m, h, m)), 0.0))
+        dn = size(d)
+        rest = size(d - b @ a) / dn if dn > 0 else 0.0
+        stored = size(d - f.dense()) / dn if dn > 0 else 0.0
         out.append(f)
         rows.append({"role": role, "op": op, "rank": f.rank, "shape": list(shapes[op]), "sram_bytes": f.sram_bytes,
                      "gap_norm": round(dn, 6), "gap_left_svd": round(rest, 6), "gap_left": round(stored, 6)})
@@ -149,8 +157,9 @@ def render(rep: dict) -> str:
                 else f"{r['factor_error']:>10.5f}  {r['module']}")
         lines.append(f"{r['role']:<24} {shape:>12} {r['rank']:>5} {r['sram_bytes']:>9,} {tail}")
     if fin:
-        lines.append("# |gap|: ||W_finetuned - W_rom||_F; left: the fraction of it the rank-r SRAM correction "
-                     "leaves (svd: before int8)")
+        what = ("the output error ||(W_finetuned - W_rom) X^T|| over the calibration inputs X" if rep.get("weighted")
+                else "||W_finetuned - W_rom||_F")
+        lines.append(f"# |gap|: {what}; left: the fraction of it the rank-r SRAM correction leaves (svd: before int8)")
     return "\n".join(lines) + "\n"
 
 
