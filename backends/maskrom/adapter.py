@@ -116,7 +116,7 @@ def from_finetuned(prog, ft_graph, roles: dict[str, str], shapes: dict[str, tupl
         f = lora.quantize(op, role, a, b)
 
         def size(m):                             # ||m||_F, or the output error sqrt(tr(M H M^T))
-            return float(np.linalg.norm(m)) if h is None else math.sqrt(max(float(np.einsum("oi,ij,oj->", m, h, m)), 0.0))
+            return float(np.linalg.norm(m)) if h is None else math.sqrt(max(float(np.sum((m @ h) * m)), 0.0))
         dn = size(d)
         rest = size(d - b @ a) / dn if dn > 0 else 0.0
         stored = size(d - f.dense()) / dn if dn > 0 else 0.0
