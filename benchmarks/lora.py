@@ -70,9 +70,6 @@ def main() -> int:
     base = sm.export("prefill", seq_len=a.seq_len)
     full = ftm.export(seq_len=a.seq_len)
     peft_dir = lf.smollm2(rank=8, seq_len=a.seq_len)
-    import shutil
-    for stale in ("adapter-full", "adapter-own-r4", "adapter-own-r8", "adapter-own-r16", "adapter-own-r32"):
-        shutil.rmtree(work / stale, ignore_errors=True)     # made before the weighted SVD: names changed
     print(f"[lora] models ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
     def chip(name: str, model: Path) -> Path:
