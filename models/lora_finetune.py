@@ -19,6 +19,8 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import importlib.util
 import json
 import math
@@ -46,6 +48,18 @@ def log(msg: str) -> None:
 
 def cache_dir() -> Path:
     return _module("tiny").cache_root() / "lora"
+
+
+@contextlib.contextmanager
+def _locked(folder: Path):
+    """One process at a time makes ``folder`` (pytest-xdist workers ask for the same fine-tune)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def train(model, windows: list[list[int]], *, rank: int, alpha: float, targets=ATTENTION, steps: int,
@@ -100,12 +114,19 @@ def _save(pm, folder: Path, export_merged, report: dict) -> Path:
 def tiny(family: str = "llama", rank: int = 4, steps: int = 8, lr: float = 1e-2, force: bool = False,
          seq_len: int | None = None) -> Path:
     """A LoRA fine-tune of a tiny model; returns its folder (adapter/, merged.onnx)."""
-    import numpy as np
     t = _module("tiny")
     seq_len = seq_len or t.DEFAULT_SEQ_LEN
     folder = cache_dir() / f"tiny-{family}-r{rank}-n{steps}-s{seq_len}"
     if (folder / "merged.onnx").exists() and not force:
         return folder
+    with _locked(folder):
+        if (folder / "merged.onnx").exists() and not force:
+            return folder
+        return _tiny(folder, t, family, rank, steps, lr, seq_len)
+
+
+def _tiny(folder: Path, t, family: str, rank: int, steps: int, lr: float, seq_len: int) -> Path:
+    import numpy as np
     with t.quiet():
         model = t.build_model(family)
         rng = np.random.default_rng(0)
@@ -130,6 +151,13 @@ def smollm2(rank: int = 8, steps: int = 30, lr: float = 1e-3, seq_len: int = 16,
     folder = cache_dir() / f"smollm2-r{rank}-n{steps}-lr{lr:g}-s{seq_len}"
     if (folder / "merged.onnx").exists() and not force:
         return folder
+    with _locked(folder):
+        if (folder / "merged.onnx").exists() and not force:
+            return folder
+        return _smollm2(folder, ft, sm, rank, steps, lr, seq_len)
+
+
+def _smollm2(folder: Path, ft, sm, rank: int, steps: int, lr: float, seq_len: int) -> Path:
     t0 = time.perf_counter()
     gguf = sm.fetch()
     tokenizer = sm.load_tokenizer(gguf)
