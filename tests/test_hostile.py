@@ -316,12 +316,15 @@ def test_interrupted_compile_leaves_the_previous_folder(tmp_path, tiny_llama, ch
     before = (out / "manifest.json").read_bytes()
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
     np.save(tmp_path / "calib.npy", np.arange(256, dtype=np.int64))
-    p = subprocess.Popen([sys.executable, "-m", "tapeout", "compile", str(tiny_llama), "--target", "maskrom",
+    # -P: the installed package, never a checkout's tapeout/ folder on the working directory
+    p = subprocess.Popen([sys.executable, "-P", "-m", "tapeout", "compile", str(tiny_llama), "--target", "maskrom",
                           "--format", "w3o6", "--calib-tokens", str(tmp_path / "calib.npy"), "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                          env=env, text=True)
     deadline = time.time() + 60           # wait until it is working on the new folder
     while not [q for q in tmp_path.iterdir() if q.name.startswith(".chip.tmp-")]:
-        assert p.poll() is None and time.time() < deadline, "the compile ended before it was interrupted"
+        if p.poll() is not None or time.time() > deadline:
+            p.kill()
+            raise AssertionError(f"the compile ended before it was interrupted: {p.communicate()[1][-2000:]}")
         time.sleep(0.02)
     time.sleep(0.3)
     p.send_signal(sig)
