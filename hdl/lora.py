@@ -100,6 +100,26 @@ class LoraUnit(wiring.Component):
         m.d.comb += out.eq(sat32(Mux(k > 0, right, left)))
         return out
 
+    def _phase(self, m: Module, c, words: int, per: int, rows: int, ports, inputs, emin, tag: str, store):
+        """One product over the SRAM banks: at count ``c`` word ``c`` is read and word ``c - 1``
+        arrives, ``per`` rows of it (one per bank). Row q's dot product with ``inputs``,
+        requantised, goes to ``store(q, value)`` (a sync statement)."""
+        width = len(inputs)
+        m.d.sync += c.eq(c + 1)
+        with m.If(c > 0):
+            with m.Switch(c - 1):
+                for w in range(words):
+                    with m.Case(w):
+                        for j in range(min(per, rows - w * per)):
+                            q = w * per + j
+                            word = ports[j].data
+                            codes = [word[8 * k: 8 * k + 8].as_signed() for k in range(width)]
+                            mult = word[8 * width: 8 * width + 16].as_signed()
+                            shift = word[8 * width + 16: 8 * width + 24].as_signed()
+                            acc = Signal(signed(ACC), name=f"acc{tag}{q}")
+                            m.d.comb += acc.eq(sum(inputs[k] * codes[k] for k in range(width)))
+                            m.d.sync += store(q, self._requant(m, acc, mult, shift, emin, f"q{tag}{q}"))
+
     def elaborate(self, platform):
         m = Module()
         f, o, i, r, bits = self.f, self.o, self.i, self.r, self.bits
@@ -139,29 +159,14 @@ class LoraUnit(wiring.Component):
             m.d.comb += self.out[q].eq(Y[q])
         m.d.comb += [self.ready.eq(0)] + [p.addr.eq(c) for p in ports_a + ports_b]
 
-        def row(word, width):
-            codes = [word[8 * k: 8 * k + 8].as_signed() for k in range(width)]
-            return codes, word[8 * width: 8 * width + 16].as_signed(), word[8 * width + 16: 8 * width + 24].as_signed()
-
         with m.FSM():
             with m.State("IDLE"):
                 with m.If(self.start):
                     m.d.sync += [c.eq(0)] + [Y[q].eq(self.y[q]) for q in range(o)]
                     m.next = "A"
             with m.State("A"):                      # read word c; word c - 1 arrives: its rows
-                m.d.sync += c.eq(c + 1)
-                with m.If(c > 0):
-                    with m.Switch(c - 1):
-                        for w in range(self.ca):
-                            with m.Case(w):
-                                for j in range(self.pa):
-                                    rr = w * self.pa + j
-                                    if rr >= r:
-                                        break
-                                    codes, mult, shift = row(ports_a[j].data, i)
-                                    acc = Signal(signed(ACC), name=f"acca{rr}")
-                                    m.d.comb += acc.eq(sum(xa[k] * codes[k] for k in range(i)))
-                                    m.d.sync += U[rr].eq(self._requant(m, acc, mult, shift, self.emin, f"qa{rr}"))
+                self._phase(m, c, self.ca, self.pa, r, ports_a, xa, self.emin, "a",
+                            lambda q, d: U[q].eq(d))
                 with m.If(c == self.ca):
                     m.next = "MX"
             with m.State("MX"):
@@ -170,7 +175,6 @@ class LoraUnit(wiring.Component):
             with m.State("MX_WAIT"):
                 m.next = "MX_TAKE"
             with m.State("MX_TAKE"):                # MxQuant.LATENCY = 2 edges after valid
-                least = US[0]
                 for n, mx in enumerate(mxs):
                     m.d.sync += US[n].eq(mx.shift)
                     m.d.sync += [UE[n * self.bu + k].eq(mx.elems[k]) for k in range(self.bu)]
@@ -181,20 +185,8 @@ class LoraUnit(wiring.Component):
                 m.d.sync += [emin_u.eq(least), c.eq(0)]
                 m.next = "B"
             with m.State("B"):
-                m.d.sync += c.eq(c + 1)
-                with m.If(c > 0):
-                    with m.Switch(c - 1):
-                        for w in range(self.cb):
-                            with m.Case(w):
-                                for j in range(self.pb):
-                                    q = w * self.pb + j
-                                    if q >= o:
-                                        break
-                                    codes, mult, shift = row(ports_b[j].data, r)
-                                    acc = Signal(signed(ACC), name=f"accb{q}")
-                                    m.d.comb += acc.eq(sum(ua[k] * codes[k] for k in range(r)))
-                                    d = self._requant(m, acc, mult, shift, emin_u, f"qb{q}")
-                                    m.d.sync += Y[q].eq(sat32(Y[q] + d))
+                self._phase(m, c, self.cb, self.pb, o, ports_b, ua, emin_u, "b",
+                            lambda q, d: Y[q].eq(sat32(Y[q] + d)))
                 with m.If(c == self.cb):
                     m.next = "DONE"
             with m.State("DONE"):

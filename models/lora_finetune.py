@@ -19,7 +19,6 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import fcntl
 import importlib.util
 import json
@@ -50,14 +49,18 @@ def cache_dir() -> Path:
     return _module("tiny").cache_root() / "lora"
 
 
-@contextlib.contextmanager
-def _locked(folder: Path):
-    """One process at a time makes ``folder`` (pytest-xdist workers ask for the same fine-tune)."""
+def _cached(folder: Path, force: bool, make) -> Path:
+    """``folder`` if it holds a finished fine-tune, else ``make()`` under a file lock: one process
+    at a time makes it (pytest-xdist workers ask for the same fine-tune)."""
+    if (folder / "merged.onnx").exists() and not force:
+        return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / f".{folder.name}.lock", "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
-            yield
+            if (folder / "merged.onnx").exists() and not force:
+                return folder
+            return make()
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
@@ -117,12 +120,7 @@ def tiny(family: str = "llama", rank: int = 4, steps: int = 8, lr: float = 1e-2,
     t = _module("tiny")
     seq_len = seq_len or t.DEFAULT_SEQ_LEN
     folder = cache_dir() / f"tiny-{family}-r{rank}-n{steps}-s{seq_len}"
-    if (folder / "merged.onnx").exists() and not force:
-        return folder
-    with _locked(folder):
-        if (folder / "merged.onnx").exists() and not force:
-            return folder
-        return _tiny(folder, t, family, rank, steps, lr, seq_len)
+    return _cached(folder, force, lambda: _tiny(folder, t, family, rank, steps, lr, seq_len))
 
 
 def _tiny(folder: Path, t, family: str, rank: int, steps: int, lr: float, seq_len: int) -> Path:
@@ -149,12 +147,7 @@ def smollm2(rank: int = 8, steps: int = 30, lr: float = 1e-3, seq_len: int = 16,
     ft = _module("smollm2_finetune")
     sm = ft.smollm2
     folder = cache_dir() / f"smollm2-r{rank}-n{steps}-lr{lr:g}-s{seq_len}"
-    if (folder / "merged.onnx").exists() and not force:
-        return folder
-    with _locked(folder):
-        if (folder / "merged.onnx").exists() and not force:
-            return folder
-        return _smollm2(folder, ft, sm, rank, steps, lr, seq_len)
+    return _cached(folder, force, lambda: _smollm2(folder, ft, sm, rank, steps, lr, seq_len))
 
 
 def _smollm2(folder: Path, ft, sm, rank: int, steps: int, lr: float, seq_len: int) -> Path:

@@ -541,6 +541,16 @@ def _damage(rng: random.Random, data: bytes, rel: str) -> tuple[bytes, str]:
     return b"", "empty"
 
 
+def _damaged_copy(rng: random.Random, root: Path, rels: list[str], rel: str, prefix: str) -> tuple[dict, str]:
+    """The files of folder ``root`` under ``prefix/``, with ``rel`` damaged (never left as it
+    was), and the kind of damage."""
+    data = (root / rel).read_bytes()
+    bad, kind = _damage(rng, data, rel)
+    files = {f"{prefix}/{r}": (root / r).read_bytes() for r in rels if r != rel}
+    files[f"{prefix}/{rel}"] = bad if bad != data else data + b"\n"
+    return files, kind
+
+
 def folder_cases(rng: random.Random, seeds: Seeds, n: int) -> list[Case]:
     """Copy a compile folder, damage one file (or the manifest), run a command that reads it."""
     rels = sorted(str(p.relative_to(seeds.folder)) for p in seeds.folder.rglob("*") if p.is_file())
@@ -551,14 +561,10 @@ def folder_cases(rng: random.Random, seeds: Seeds, n: int) -> list[Case]:
     out = []
     for k in range(n):
         rel = "manifest.json" if k % 5 == 0 else rng.choice(rels)
-        data = (seeds.folder / rel).read_bytes()
-        bad, kind = _damage(rng, data, rel)
-        if bad == data:
-            bad = data + b"\n"
-        files = {f"chip/{r}": (seeds.folder / r).read_bytes() for r in rels if r != rel}
+        files, kind = _damaged_copy(rng, seeds.folder, rels, rel, "chip")
         deleted = rng.random() < 0.05 and rel != "manifest.json"
-        if not deleted:
-            files[f"chip/{rel}"] = bad
+        if deleted:
+            del files[f"chip/{rel}"]
         out.append(Case("folder", f"{'deleted' if deleted else kind} {rel}", list(rng.choice(cmds)), damaged=True,
                         files=files))
     return out
@@ -613,12 +619,7 @@ def adapter_cases(rng: random.Random, seeds: Seeds, n: int) -> list[Case]:
                             out="{W}/out", files=files))
         else:                                       # a damaged adapter folder into run or diff
             rel = "manifest.json" if k % 6 == 1 else rng.choice(arels)
-            data = (seeds.adapter / rel).read_bytes()
-            bad, kind = _damage(rng, data, rel)
-            if bad == data:
-                bad = data + b"\n"
-            files = {f"ad/{r}": (seeds.adapter / r).read_bytes() for r in arels if r != rel}
-            files[f"ad/{rel}"] = bad
+            files, kind = _damaged_copy(rng, seeds.adapter, arels, rel, "ad")
             cmd = rng.choice([["run", str(seeds.folder), "--adapter", "{W}/ad", "--tokens", str(seeds.tokens),
                                "--new-tokens", "1"],
                               ["run", str(seeds.folder), "--adapter", "{W}/ad", "--tokens", str(seeds.tokens),
